@@ -1,0 +1,276 @@
+"""Typed configuration: one YAML file per use case, parsed into pydantic models.
+
+Unknown keys and wrong types are errors that name the key path, raised before any work
+starts, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the key path and what was expected."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+ColumnType = Literal["string", "int64", "float64", "bool", "timestamp", "date"]
+
+
+class NotNull(Strict):
+    check: Literal["not_null"]
+    column: str
+
+
+class Range(Strict):
+    check: Literal["range"]
+    column: str
+    min: float | None = None
+    max: float | None = None
+
+
+class Allowed(Strict):
+    check: Literal["allowed"]
+    column: str
+    values: list[str]
+
+
+class Unique(Strict):
+    check: Literal["unique"]
+    column: str
+
+
+class References(Strict):
+    check: Literal["references"]
+    column: str
+    source: str = Field(description="Name of the source whose primary key this column references.")
+
+
+Rule = Annotated[NotNull | Range | Allowed | Unique | References, Field(discriminator="check")]
+
+
+class CurrencyConfig(Strict):
+    """Converts `amount` in currency `code` into `output` in the `target` currency."""
+
+    amount: str
+    code: str
+    output: str
+    target: str = "USD"
+    rates: dict[str, float]
+
+
+class SourceConfig(Strict):
+    format: Literal["parquet", "csv", "jsonl"]
+    uri: str
+    primary_key: str | None = None
+    rename: dict[str, str] = Field(default_factory=dict, description="raw name -> standard name")
+    types: dict[str, ColumnType] = Field(
+        default_factory=dict, description="standard column -> type; the columns kept"
+    )
+    timestamp_formats: list[str] = Field(default_factory=lambda: ["%Y-%m-%dT%H:%M:%S"])
+    normalize: dict[str, Literal["lower", "upper", "strip"]] = Field(default_factory=dict)
+    currency: CurrencyConfig | None = None
+    rules: list[Rule] = Field(default_factory=list)
+    pii: dict[str, Literal["hash", "drop"]] = Field(
+        default_factory=dict, description="PII column -> hashed with a key or dropped"
+    )
+
+
+class JoinConfig(Strict):
+    source: str
+    key: str
+    prefix: str = ""
+
+
+class PiiConfig(Strict):
+    """Where the key for hashing PII comes from; the columns are declared per source."""
+
+    key_env: str = "RAYLINE_PII_KEY"
+
+
+class SplitConfig(Strict):
+    train: float = 0.7
+    valid: float = 0.15
+    test: float = 0.15
+
+    @model_validator(mode="after")
+    def _fractions_sum_to_one(self) -> SplitConfig:
+        if abs(self.train + self.valid + self.test - 1.0) > 1e-6:
+            raise ValueError("split fractions train + valid + test must sum to 1")
+        return self
+
+
+class DerivedFeature(Strict):
+    kind: Literal["years_since_year", "days_since", "not_equal"]
+    columns: list[str]
+
+
+class HistoryConfig(Strict):
+    """Per-entity history features computed only from earlier events (no future leakage)."""
+
+    entity: str = "customer_id"
+    amount: str = "amount_usd"
+
+
+class FeaturesConfig(Strict):
+    label: str = "label"
+    timestamp: str = "timestamp"
+    numeric: list[str] = Field(default_factory=list)
+    log_transform: list[str] = Field(default_factory=list)
+    categorical: list[str] = Field(default_factory=list)
+    min_category_count: int = 5
+    time_features: list[Literal["hour", "day_of_week"]] = Field(default_factory=list)
+    derived: dict[str, DerivedFeature] = Field(default_factory=dict)
+    history: HistoryConfig | None = None
+
+
+class ImbalanceConfig(Strict):
+    strategy: Literal["scale_pos_weight", "sample_weight", "downsample", "none"] = (
+        "scale_pos_weight"
+    )
+    downsample_ratio: float = Field(10.0, gt=0, description="negatives kept per positive")
+
+
+class TrainConfig(Strict):
+    plan: Literal["auto", "single", "distributed"] = "auto"
+    single_plan_max_rows: int = 5_000_000
+    num_workers: int = Field(2, ge=1)
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(0, ge=0)
+    num_boost_round: int = Field(300, ge=1)
+    early_stopping_rounds: int = Field(20, ge=1)
+    checkpoint_every: int = Field(25, ge=1)
+    max_failures: int = Field(2, ge=0)
+    imbalance: ImbalanceConfig = Field(default_factory=ImbalanceConfig)
+    params: dict[str, float | int | str] = Field(default_factory=dict)
+
+
+class TuneConfig(Strict):
+    search: Literal["random", "optuna"] = "random"
+    num_samples: int = Field(16, ge=1)
+    max_concurrent: int = Field(2, ge=1)
+    time_budget_s: float | None = None
+    asha: bool = True
+    grace_period: int = 10
+    cpus_per_trial: float = 1
+    num_boost_round: int = 100
+    space: dict[str, dict[str, float | int | str | list]] = Field(default_factory=dict)
+
+
+class ThresholdConfig(Strict):
+    rule: Literal["max_f1", "target_recall", "min_cost"] = "max_f1"
+    target_recall: float = Field(0.8, gt=0, le=1)
+    cost_false_positive: float = 1.0
+    cost_false_negative: float = 20.0
+
+
+class PromotionConfig(Strict):
+    metric: Literal["pr_auc", "roc_auc", "f1"] = "pr_auc"
+    min_improvement: float = 0.0
+
+
+class EvaluateConfig(Strict):
+    threshold: ThresholdConfig = Field(default_factory=ThresholdConfig)
+    slices: list[str] = Field(default_factory=list)
+    promotion: PromotionConfig = Field(default_factory=PromotionConfig)
+
+
+class ServeConfig(Strict):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model: str = "fraud"
+    alias: str = "production"
+    max_batch_size: int = 64
+    batch_wait_timeout_s: float = 0.005
+    max_records_per_request: int = 1000
+
+
+class S3Config(Strict):
+    """Where s3:// URIs point. Credentials come from the standard AWS chain, never from here."""
+
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+
+
+class RayConfig(Strict):
+    num_cpus: int | None = Field(None, description="CPUs for a local Ray; ignored on a cluster")
+
+
+class Config(Strict):
+    name: str
+    seed: int = 42
+    storage: str = Field(description="Root URI for run outputs and the registry (path or s3://)")
+    s3: S3Config = Field(default_factory=S3Config)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    sources: dict[str, SourceConfig]
+    fact: str = Field("transactions", description="The source that holds one row per example")
+    joins: list[JoinConfig] = Field(default_factory=list)
+    pii: PiiConfig = Field(default_factory=PiiConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    features: FeaturesConfig = Field(default_factory=FeaturesConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+
+    @model_validator(mode="after")
+    def _references_exist(self) -> Config:
+        if self.fact not in self.sources:
+            raise ValueError(f"fact source {self.fact!r} is not among sources {sorted(self.sources)}")
+        for join in self.joins:
+            if join.source not in self.sources:
+                raise ValueError(f"joins: unknown source {join.source!r}")
+        for name, source in self.sources.items():
+            for rule in source.rules:
+                if isinstance(rule, References) and rule.source not in self.sources:
+                    raise ValueError(f"sources.{name}.rules: unknown source {rule.source!r}")
+        return self
+
+    def digest(self) -> str:
+        """A stable hash of the effective config, recorded in lineage."""
+        payload = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(payload).hexdigest()[:16]
+
+
+def _format_errors(error: ValidationError, origin: str) -> str:
+    lines = [f"invalid config {origin}:"]
+    for item in error.errors():
+        path = ".".join(str(part) for part in item["loc"]) or "<root>"
+        got = item.get("input")
+        got_text = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
+        lines.append(f"  {path}: {item['msg']}{got_text}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict, origin: str = "<dict>") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_format_errors(error, origin)) from None
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> Config:
+    """Reads a YAML config; `overrides` are merged on top (dotted keys allowed)."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config {path} is not valid YAML: {error}") from None
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return parse_config(data, origin=str(path))

@@ -1,0 +1,349 @@
+"""Ingest: read every source, standardize, validate, quarantine, hash PII, join; on Ray Data.
+
+Rows in = rows out + rows quarantined, per source. A file that cannot be read is quarantined
+whole and named in the report; a source whose schema cannot be mapped stops the run before
+anything is written.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import ray
+import typer
+
+from jobs import validate
+from jobs.config import Config, SourceConfig, Unique, load_config
+from jobs.runtime import fingerprint, init_ray, new_run_id, pii_key, table_hash
+from jobs.storage import Storage, StorageError, join
+
+QUARANTINE_SCHEMA = pa.schema(
+    [("source", pa.string()), ("path", pa.string()), ("reason", pa.string()),
+     ("record", pa.string())]
+)
+
+
+class SourceError(ValueError):
+    """A source is missing or unusable; the message names it."""
+
+
+@dataclass
+class SourceReport:
+    name: str
+    files: int
+    rows_in: int = 0
+    rows_out: int = 0
+    rows_quarantined: int = 0
+    bad_files: dict[str, str] = field(default_factory=dict)
+    reasons: dict[str, int] = field(default_factory=dict)
+    output_uri: str = ""
+    quarantine_uri: str = ""
+    fingerprint: dict = field(default_factory=dict)
+
+
+@dataclass
+class IngestResult:
+    run_uri: str
+    output_uri: str
+    sources: dict[str, SourceReport]
+
+
+def _probe(storage: Storage, name: str, source: SourceConfig) -> tuple[list[str], dict[str, str]]:
+    """Lists a source's files, finds unreadable ones, and checks the schema can be mapped."""
+    try:
+        files = storage.list_files(source.uri)
+    except StorageError:
+        raise SourceError(f"source {name!r}: no such URI {source.uri}") from None
+    if not files:
+        raise SourceError(f"source {name!r}: no files under {source.uri}")
+    good, bad = [], {}
+    for uri in files:
+        try:
+            if source.format == "parquet":
+                fs, path = storage.filesystem(uri)
+                names = pq.read_schema(path, filesystem=fs).names
+            else:
+                head = storage.read_bytes(uri)[:65536].decode("utf-8")
+                first = head.splitlines()[0] if head else ""
+                names = (
+                    next(csv.reader([first])) if source.format == "csv" else list(json.loads(first))
+                )
+        except (OSError, ValueError, pa.ArrowInvalid, IndexError) as error:
+            bad[uri] = f"unreadable {source.format} file: {str(error).splitlines()[0][:200]}"
+            continue
+        validate.check_schema(names, source, name, uri)
+        good.append(uri)
+    if not good:
+        raise SourceError(f"source {name!r}: none of its {len(files)} files can be read: {bad}")
+    return good, bad
+
+
+@ray.remote
+def _read_text_file(storage: Storage, uri: str, source: SourceConfig) -> pa.Table:
+    """Reads one CSV or JSONL file as strings; lines that do not parse become flagged rows."""
+    raw_names = list(validate.raw_columns(source).values())
+    text = storage.read_bytes(uri).decode("utf-8", errors="replace")
+    columns: dict[str, list] = {name: [] for name in raw_names}
+    reasons, records = [], []
+    if source.format == "csv":
+        bad_lines: list[str] = []
+
+        def on_invalid(row) -> str:
+            bad_lines.append(f"line {row.number}: {row.text}")
+            return "skip"
+
+        table = pacsv.read_csv(
+            io.BytesIO(text.encode()),
+            convert_options=pacsv.ConvertOptions(
+                column_types={name: pa.string() for name in raw_names}, include_columns=raw_names
+            ),
+            parse_options=pacsv.ParseOptions(invalid_row_handler=on_invalid),
+        )
+        for name in raw_names:
+            columns[name] = table.column(name).to_pylist()
+        reasons = [None] * table.num_rows
+        records = [None] * table.num_rows
+        for line in bad_lines:
+            for name in raw_names:
+                columns[name].append(None)
+            reasons.append("csv: wrong number of fields")
+            records.append(line)
+    else:
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError("not an object")
+            except ValueError:
+                for name in raw_names:
+                    columns[name].append(None)
+                reasons.append(f"jsonl: line {number} is not a JSON object")
+                records.append(line)
+                continue
+            wrong = [n for n in raw_names if row.get(n) is not None and isinstance(row[n], dict | list)]
+            for name in raw_names:
+                value = row.get(name)
+                columns[name].append(None if value is None else str(value))
+            declared = {raw: source.types[std] for std, raw in validate.raw_columns(source).items()}
+            wrong += [
+                n for n in raw_names
+                if declared[n] == "string" and row.get(n) is not None and not isinstance(row[n], str)
+            ]
+            reasons.append(f"{wrong[0]}: wrong JSON type" if wrong else None)
+            records.append(line if wrong else None)
+    result = pa.table({name: pa.array(values, pa.string()) for name, values in columns.items()})
+    return (
+        result.append_column(validate.PATH, pa.array([uri] * result.num_rows, pa.string()))
+        .append_column(validate.REASON, pa.array(reasons, pa.string()))
+        .append_column(validate.RECORD, pa.array(records, pa.string()))
+    )
+
+
+def _read(storage: Storage, source: SourceConfig, files: list[str]) -> ray.data.Dataset:
+    if source.format == "parquet":
+        fs, _ = storage.filesystem(files[0])
+        paths = [uri.removeprefix("s3://") for uri in files]
+        return ray.data.read_parquet(
+            paths,
+            filesystem=fs,
+            columns=list(validate.raw_columns(source).values()),
+            include_paths=True,
+            partitioning=None,
+        )
+    return ray.data.from_arrow_refs([_read_text_file.remote(storage, uri, source) for uri in files])
+
+
+def validate_batch(
+    batch: pa.Table,
+    source: SourceConfig,
+    key: bytes,
+    reference_keys: dict[str, pa.Array],
+    dimensions: list[tuple[str, str, pa.Table]],
+) -> pa.Table:
+    """Standardize + row rules + PII + joins for one Arrow batch; failing rows keep a reason."""
+    extra = [validate.PATH, validate.REASON, validate.RECORD]
+    raw = batch.drop_columns([c for c in extra if c in batch.column_names])
+    table, reasons = validate.standardize(raw, source)
+    if validate.REASON in batch.column_names:
+        reasons = pc.coalesce(batch.column(validate.REASON), reasons)
+    reasons = validate.check_rows(table, source, reasons, reference_keys)
+    records = validate.quarantine_records(raw, reasons, source.pii, key, source.rename)
+    if validate.RECORD in batch.column_names:
+        records = pc.coalesce(batch.column(validate.RECORD), records)
+    table = validate.apply_pii(table, source.pii, key)
+    paths = batch.column(validate.PATH) if validate.PATH in batch.column_names else None
+    table = table.append_column(validate.PATH, paths or pa.nulls(table.num_rows, pa.string()))
+    table = table.append_column(validate.REASON, reasons).append_column(validate.RECORD, records)
+    for key_column, prefix, dimension in dimensions:
+        renamed = dimension.rename_columns(
+            [c if c == key_column else prefix + c for c in dimension.column_names]
+        )
+        table = table.join(renamed, keys=key_column, join_type="left outer")
+    return table
+
+
+@ray.remote
+def _duplicate_positions(column: str, *blocks: pa.Table) -> list[np.ndarray]:
+    """Positions of rows whose key already appeared in an earlier valid row (first one wins)."""
+    keys = pa.chunked_array([b.column(column) for b in blocks]).to_pandas()
+    valid = np.concatenate(
+        [pc.is_null(b.column(validate.REASON)).to_numpy(zero_copy_only=False) for b in blocks]
+    ) if blocks else np.array([], bool)
+    duplicated = np.zeros(len(keys), bool)
+    duplicated[valid] = pd.Series(keys[valid].to_numpy()).duplicated(keep="first").to_numpy()
+    offsets = np.cumsum([0] + [b.num_rows for b in blocks])
+    return [np.flatnonzero(duplicated[offsets[i] : offsets[i + 1]]) for i in range(len(blocks))]
+
+
+@ray.remote(num_returns=3)
+def _partition(block: pa.Table, name: str, duplicates: list[tuple[str, np.ndarray]]):
+    """Splits one block into good rows and quarantine rows, and counts both."""
+    reasons = block.column(validate.REASON).combine_chunks()
+    for column, positions in duplicates:
+        if len(positions):
+            mask = np.zeros(block.num_rows, bool)
+            mask[positions] = True
+            reasons = validate.add_reason(reasons, pa.array(mask), f"{column}: duplicate")
+    bad_mask = pc.is_valid(reasons)
+    good = block.filter(pc.invert(bad_mask)).drop_columns(
+        [validate.PATH, validate.REASON, validate.RECORD]
+    )
+    bad = block.filter(bad_mask)
+    bad_reasons = reasons.filter(bad_mask)
+    records = bad.column(validate.RECORD)
+    missing = pc.is_null(records)
+    if pc.any(missing).as_py():  # rows flagged late (duplicates) have no raw record yet
+        payload = bad.drop_columns([validate.PATH, validate.REASON, validate.RECORD]).to_pylist()
+        fallback = pa.array([json.dumps(row, default=str) for row in payload], pa.string())
+        records = pc.coalesce(records, fallback)
+    quarantine = pa.table(
+        [pa.array([name] * bad.num_rows, pa.string()), bad.column(validate.PATH), bad_reasons,
+         records],
+        schema=QUARANTINE_SCHEMA,
+    )
+    counts = pc.value_counts(bad_reasons).to_pylist()
+    stats = {
+        "rows": block.num_rows,
+        "hash": table_hash(good),
+        "reasons": {item["values"]: item["counts"] for item in counts},
+    }
+    return good, quarantine, stats
+
+
+def _write(storage: Storage, refs: list, uri: str, schema: pa.Schema) -> None:
+    fs, path = storage.filesystem(uri)
+    if not refs:
+        storage.write_table(join(uri, "part-0.parquet"), schema.empty_table())
+        return
+    ray.data.from_arrow_refs(refs).write_parquet(path, filesystem=fs)
+
+
+def _ingest_source(
+    config: Config,
+    storage: Storage,
+    name: str,
+    files: list[str],
+    bad_files: dict[str, str],
+    run_uri: str,
+    key: bytes,
+    reference_keys: dict[str, pa.Array],
+    dimensions: list[tuple[str, str, pa.Table]],
+) -> tuple[SourceReport, list]:
+    source = config.sources[name]
+    report = SourceReport(name=name, files=len(files) + len(bad_files), bad_files=bad_files)
+    dataset = _read(storage, source, files).map_batches(
+        validate_batch,
+        batch_format="pyarrow",
+        batch_size=None,
+        zero_copy_batch=True,
+        fn_kwargs={"source": source, "key": key, "reference_keys": reference_keys,
+                   "dimensions": dimensions},
+    )
+    blocks = dataset.materialize().to_arrow_refs()
+    duplicates = []
+    for rule in source.rules:
+        if isinstance(rule, Unique):
+            positions = ray.get(_duplicate_positions.remote(rule.column, *blocks))
+            duplicates.append((rule.column, positions))
+    parts = [
+        _partition.remote(block, name, [(column, pos[i]) for column, pos in duplicates])
+        for i, block in enumerate(blocks)
+    ]
+    good_refs = [part[0] for part in parts]
+    quarantine_refs = [part[1] for part in parts]
+    stats = ray.get([part[2] for part in parts])
+    report.rows_in = sum(s["rows"] for s in stats)
+    for s in stats:
+        for reason, count in s["reasons"].items():
+            report.reasons[reason] = report.reasons.get(reason, 0) + count
+    report.rows_quarantined = sum(report.reasons.values())
+    report.rows_out = report.rows_in - report.rows_quarantined
+    schema = ray.get(good_refs[0]).schema if good_refs else pa.schema([])
+    report.fingerprint = fingerprint(schema, report.rows_out, sum(s["hash"] for s in stats))
+    report.output_uri = join(run_uri, "ingest", name)
+    report.quarantine_uri = join(run_uri, "quarantine", name)
+    _write(storage, good_refs, report.output_uri, schema)
+    _write(storage, quarantine_refs, join(report.quarantine_uri, "rows"), QUARANTINE_SCHEMA)
+    for uri, error in bad_files.items():
+        file_name = uri.rstrip("/").replace("/", "__").replace(":", "")
+        storage.write_bytes(join(report.quarantine_uri, "files", file_name), storage.read_bytes(uri))
+        storage.write_json(join(report.quarantine_uri, "files", file_name + ".reason.json"),
+                           {"uri": uri, "reason": error})
+    return report, good_refs
+
+
+def ingest(config: Config, run_uri: str | None = None, storage: Storage | None = None) -> IngestResult:
+    """Runs ingest for every source; returns where the clean fact table and reports went."""
+    storage = storage or Storage(config.s3)
+    run_uri = run_uri or join(config.storage, "runs", new_run_id())
+    init_ray(config)
+    key = pii_key(config)
+    probed = {name: _probe(storage, name, source) for name, source in config.sources.items()}
+    order = [name for name in config.sources if name != config.fact] + [config.fact]
+    reports: dict[str, SourceReport] = {}
+    tables: dict[str, pa.Table] = {}
+    for name in order:
+        source = config.sources[name]
+        references = {
+            rule.source: tables[rule.source].column(config.sources[rule.source].primary_key)
+            for rule in source.rules
+            if rule.check == "references"
+        }
+        dimensions = (
+            [(j.key, j.prefix, tables[j.source]) for j in config.joins] if name == config.fact else []
+        )
+        files, bad = probed[name]
+        report, good_refs = _ingest_source(
+            config, storage, name, files, bad, run_uri, key, references, dimensions
+        )
+        reports[name] = report
+        if name != config.fact:
+            tables[name] = pa.concat_tables(ray.get(good_refs))
+    storage.write_json(
+        join(run_uri, "ingest", "_report.json"),
+        {name: asdict(report) for name, report in reports.items()},
+    )
+    return IngestResult(run_uri, reports[config.fact].output_uri, reports)
+
+
+def main(config: str = typer.Option(..., help="Path to the pipeline config YAML")) -> None:
+    """Ingest and validate every source of a config; print the row accounting."""
+    from jobs.summary import print_ingest
+
+    result = ingest(load_config(config))
+    print_ingest(result)
+
+
+if __name__ == "__main__":
+    typer.run(main)

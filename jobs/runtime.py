@@ -1,0 +1,80 @@
+"""Process-level plumbing shared by every stage: Ray start-up, run ids, the PII key, fingerprints."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from datetime import datetime, timezone
+
+import pandas as pd
+import pyarrow as pa
+
+from jobs.config import Config
+
+DEMO_PII_KEY = b"rayline-demo-key-not-for-production"
+log = logging.getLogger("rayline")
+
+
+def init_ray(config: Config | None = None) -> float:
+    """Starts or joins Ray; returns the seconds it took.
+
+    Under `ray job submit` the driver gets RAY_ADDRESS and joins that cluster; anywhere else we
+    start an embedded local Ray rather than attaching to whatever cluster happens to be running.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return 0.0
+    started = time.perf_counter()
+    env = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(runtime_env={"env_vars": env}, log_to_driver=True)
+    else:
+        num_cpus = config.ray.num_cpus if config else None
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            runtime_env={"env_vars": env},
+            logging_level=logging.WARNING,
+        )
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    return time.perf_counter() - started
+
+
+def new_run_id() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + f"-{os.getpid() % 10000:04d}"
+
+
+def pii_key(config: Config) -> bytes:
+    """The HMAC key for PII columns, from the environment variable the config names."""
+    value = os.environ.get(config.pii.key_env)
+    if value:
+        return value.encode()
+    warnings.warn(
+        f"{config.pii.key_env} is not set: hashing PII with the public demo key",
+        stacklevel=2,
+    )
+    return DEMO_PII_KEY
+
+
+def table_hash(table: pa.Table) -> int:
+    """Order-independent content hash of a table: the sum of its row hashes modulo 2**64."""
+    if table.num_rows == 0:
+        return 0
+    frame = table.to_pandas(types_mapper=pd.ArrowDtype)
+    return int(pd.util.hash_pandas_object(frame, index=False).to_numpy().sum(dtype="uint64"))
+
+
+def fingerprint(schema: pa.Schema, rows: int, content_hash: int) -> dict:
+    return {
+        "schema": {field.name: str(field.type) for field in schema},
+        "rows": rows,
+        "content_hash": f"{content_hash % 2**64:016x}",
+    }

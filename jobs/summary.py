@@ -1,0 +1,36 @@
+"""Rich summaries printed at the end of each stage and of a whole pipeline run."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+
+
+def print_ingest(result) -> None:
+    table = Table(title="ingest + validate", title_justify="left")
+    for column in ("source", "files", "rows in", "rows out", "quarantined", "top reasons"):
+        table.add_column(column, justify="right" if column.startswith(("rows", "quar", "files")) else "left")
+    for report in result.sources.values():
+        reasons = sorted(report.reasons.items(), key=lambda item: -item[1])[:3]
+        files = f"{report.files}" + (f" ({len(report.bad_files)} bad)" if report.bad_files else "")
+        table.add_row(
+            report.name, files, f"{report.rows_in:,}", f"{report.rows_out:,}",
+            f"{report.rows_quarantined:,}", ", ".join(f"{r} x{n}" for r, n in reasons),
+        )
+    console.print(table)
+    for report in result.sources.values():
+        for uri, reason in report.bad_files.items():
+            console.print(f"[yellow]quarantined file[/] {uri}: {reason}")
+    console.print(f"clean data: {result.output_uri}")
+
+
+def print_rows(title: str, rows: dict[str, object]) -> None:
+    """A two-column key/value table: one per stage."""
+    table = Table(title=title, title_justify="left", show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    for key, value in rows.items():
+        table.add_row(key, value if isinstance(value, str) else f"{value}")
+    console.print(table)

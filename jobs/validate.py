@@ -1,0 +1,202 @@
+"""Standardization and validation rules, applied to Arrow batches.
+
+The same functions run on Ray Data batches during ingest and on single HTTP records in
+serving, so a record is judged the same way online and offline. Every failing row gets a
+reason naming the rule and the column; rows are never dropped here, only labelled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from jobs.config import Allowed, NotNull, Range, References, SourceConfig
+
+REASON = "_reason"
+RECORD = "_record"
+PATH = "path"
+NUMERIC_PATTERN = r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"
+ARROW_TYPES = {
+    "string": pa.string(),
+    "int64": pa.int64(),
+    "float64": pa.float64(),
+    "bool": pa.bool_(),
+    "timestamp": pa.timestamp("s"),
+    "date": pa.date32(),
+}
+
+
+class SchemaError(ValueError):
+    """A source cannot be mapped to its declared schema; names the source and column."""
+
+
+def raw_columns(source: SourceConfig) -> dict[str, str]:
+    """Standard column -> the raw column it is read from."""
+    inverse = {standard: raw for raw, standard in source.rename.items()}
+    return {column: inverse.get(column, column) for column in source.types}
+
+
+def check_schema(names: list[str], source: SourceConfig, source_name: str, where: str) -> None:
+    missing = [
+        f"{raw!r}" + (f" (-> {standard!r})" if raw != standard else "")
+        for standard, raw in raw_columns(source).items()
+        if raw not in names
+    ]
+    if missing:
+        raise SchemaError(
+            f"source {source_name!r}: column {', '.join(missing)} not found in {where}; "
+            f"it has {sorted(names)}"
+        )
+
+
+def add_reason(reasons: pa.Array, failed: pa.Array, reason: str) -> pa.Array:
+    """Records `reason` on failing rows that have no earlier reason (first failure wins)."""
+    failed = pc.fill_null(failed, False)
+    return pc.if_else(pc.and_(pc.is_null(reasons), failed), pa.scalar(reason), reasons)
+
+
+def _cast(column: pa.ChunkedArray, target: str, formats: list[str]) -> pa.ChunkedArray:
+    """Casts leniently: values that cannot be converted become null (the caller flags them)."""
+    arrow_type = ARROW_TYPES[target]
+    if column.type == arrow_type:
+        return column
+    if target == "string":
+        return pc.cast(column, pa.string())
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        text = pc.utf8_trim_whitespace(column)
+        if target in ("timestamp", "date"):
+            formats = formats if target == "timestamp" else ["%Y-%m-%d"]
+            parsed = [pc.strptime(text, format=f, unit="s", error_is_null=True) for f in formats]
+            value = pc.coalesce(*parsed) if len(parsed) > 1 else parsed[0]
+            return pc.cast(value, arrow_type)
+        if target == "bool":
+            lowered = pc.utf8_lower(text)
+            valid = pc.is_in(lowered, value_set=pa.array(["true", "false", "1", "0"]))
+            return pc.if_else(valid, pc.is_in(lowered, value_set=pa.array(["true", "1"])), None)
+        valid = pc.match_substring_regex(text, NUMERIC_PATTERN)
+        as_float = pc.cast(pc.if_else(valid, text, None), pa.float64())
+        if target == "int64":
+            whole = pc.equal(as_float, pc.floor(as_float))
+            return pc.cast(pc.if_else(whole, as_float, None), pa.int64())
+        return as_float
+    if pa.types.is_timestamp(column.type) and target == "date":
+        return pc.cast(column, pa.date32())
+    if pa.types.is_timestamp(column.type):
+        return pc.cast(pc.cast(column, pa.timestamp("s", tz=column.type.tz), safe=False),
+                       arrow_type) if column.type.tz else pc.cast(column, arrow_type, safe=False)
+    return pc.cast(column, arrow_type, safe=False)
+
+
+def standardize(table: pa.Table, source: SourceConfig) -> tuple[pa.Table, pa.Array]:
+    """Renames, casts, normalizes and converts currency; returns the table and row reasons."""
+    reasons = pa.nulls(table.num_rows, pa.string())
+    columns = {}
+    for standard, raw in raw_columns(source).items():
+        original = table.column(raw)
+        value = _cast(original, source.types[standard], source.timestamp_formats)
+        lost = pc.and_(pc.is_null(value), pc.is_valid(original))
+        reasons = add_reason(reasons, lost, f"{standard}: not a valid {source.types[standard]}")
+        mode = source.normalize.get(standard)
+        if mode:
+            value = pc.utf8_trim_whitespace(value)
+            if mode == "lower":
+                value = pc.utf8_lower(value)
+            elif mode == "upper":
+                value = pc.utf8_upper(value)
+        columns[standard] = value
+    result = pa.table(columns)
+    if source.currency:
+        currency = source.currency
+        codes = result.column(currency.code)
+        known = pa.array(list(currency.rates))
+        rates = pa.array(list(currency.rates.values()), pa.float64())
+        rate = pc.take(rates, pc.index_in(codes, value_set=known))
+        unknown = pc.and_(pc.is_null(rate), pc.is_valid(codes))
+        reasons = add_reason(reasons, unknown, f"{currency.code}: unknown currency")
+        converted = pc.multiply(result.column(currency.amount), rate)
+        result = result.append_column(currency.output, converted)
+    return result, reasons
+
+
+def check_rows(
+    table: pa.Table,
+    source: SourceConfig,
+    reasons: pa.Array,
+    reference_keys: dict[str, pa.Array] | None = None,
+) -> pa.Array:
+    """Row-level rules: not_null, range, allowed, references (uniqueness is global, in ingest)."""
+    for rule in source.rules:
+        column = table.column(rule.column)
+        if isinstance(rule, NotNull):
+            reasons = add_reason(reasons, pc.is_null(column), f"{rule.column}: is null")
+        elif isinstance(rule, Range):
+            if rule.min is not None:
+                reasons = add_reason(
+                    reasons, pc.less(column, rule.min), f"{rule.column}: below {rule.min}"
+                )
+            if rule.max is not None:
+                reasons = add_reason(
+                    reasons, pc.greater(column, rule.max), f"{rule.column}: above {rule.max}"
+                )
+        elif isinstance(rule, Allowed):
+            outside = pc.invert(pc.is_in(column, value_set=pa.array(rule.values)))
+            reasons = add_reason(
+                reasons, pc.and_(outside, pc.is_valid(column)), f"{rule.column}: not allowed"
+            )
+        elif isinstance(rule, References) and reference_keys is not None:
+            orphan = pc.invert(pc.is_in(column, value_set=reference_keys[rule.source]))
+            reasons = add_reason(
+                reasons,
+                pc.and_(orphan, pc.is_valid(column)),
+                f"{rule.column}: no such {rule.source} key",
+            )
+    return reasons
+
+
+def keyed_hash(values: pa.ChunkedArray | pa.Array, key: bytes) -> pa.Array:
+    """HMAC-SHA256 (truncated) of each value: joinable, not reversible without the key."""
+    return pa.array(
+        [
+            None if value is None
+            else hmac.new(key, str(value).encode(), hashlib.sha256).hexdigest()[:32]
+            for value in values.to_pylist()
+        ],
+        pa.string(),
+    )
+
+
+def apply_pii(table: pa.Table, pii: dict[str, str], key: bytes) -> pa.Table:
+    for column, action in pii.items():
+        if column not in table.column_names:
+            continue
+        index = table.column_names.index(column)
+        if action == "drop":
+            table = table.remove_column(index)
+        else:
+            table = table.set_column(index, column, keyed_hash(table.column(column), key))
+    return table
+
+
+def quarantine_records(
+    raw: pa.Table, reasons: pa.Array, pii: dict[str, str], key: bytes, rename: dict[str, str]
+) -> pa.Array:
+    """The raw row as JSON for each failing row (PII already hashed or dropped), else null."""
+    failing = np.flatnonzero(pc.is_valid(reasons).to_numpy(zero_copy_only=False))
+    records: list[str | None] = [None] * raw.num_rows
+    if len(failing):
+        for index, row in zip(failing, raw.take(pa.array(failing)).to_pylist(), strict=True):
+            for column, action in pii.items():
+                raw_name = next((r for r, s in rename.items() if s == column), column)
+                if raw_name in row:
+                    if action == "drop":
+                        row.pop(raw_name)
+                    elif row[raw_name] is not None:
+                        digest = hmac.new(key, str(row[raw_name]).encode(), hashlib.sha256)
+                        row[raw_name] = digest.hexdigest()[:32]
+            records[index] = json.dumps(row, default=str)
+    return pa.array(records, pa.string())
