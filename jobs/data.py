@@ -187,9 +187,7 @@ def generate(
             join(uri, "transactions", f"day={name}", "part-0.parquet"), table.take(rows_of_day)
         )
 
-    # Customers (CSV): a few wrong types and duplicate ids.
-    birth_year = customers["birth_year"].copy()
-    birth_year[rng.random(n_customers) < 0.005] = "unknown"
+    # Customers (CSV): extra rows with wrong types, and duplicate ids.
     country = customers["country"].astype(object)
     lower_country = rng.random(n_customers) < 0.1
     country[lower_country] = np.char.lower(country[lower_country].astype(str))
@@ -198,26 +196,31 @@ def generate(
             "customer_id": customers["customer_id"].astype(str),
             "signup_date": customers["signup_date"],
             "country": pa.array(country, pa.string()),
-            "birth_year": pa.array([str(v) for v in birth_year], pa.string()),
+            "birth_year": pa.array([str(v) for v in customers["birth_year"]], pa.string()),
             "email": pa.array(customers["email"], pa.string()),
         }
     )
+    extra = max(2, n_customers // 400)
+    broken = customer_table.slice(0, extra).to_pydict()
+    broken["customer_id"] = [str(n_customers + 1 + i) for i in range(extra)]
+    broken["birth_year"] = ["unknown"] * extra
     dup_customers = rng.choice(n_customers, size=max(1, n_customers // 500), replace=False)
-    customer_table = pa.concat_tables([customer_table, customer_table.take(dup_customers)])
+    customer_table = pa.concat_tables(
+        [customer_table, pa.table(broken, schema=customer_table.schema),
+         customer_table.take(dup_customers)]
+    )
     buffer = io.BytesIO()
     pacsv.write_csv(customer_table, buffer)
     storage.write_bytes(join(uri, "customers", "customers.csv"), buffer.getvalue())
 
-    # Merchants (JSONL): a wrong type, a missing field and a line that is not JSON.
-    lines = []
-    for index, merchant_id in enumerate(merchant_ids):
-        record = {"id": merchant_id, "category": str(merchant_category[index]),
-                  "country": str(merchant_country[index])}
-        if index % 97 == 13:
-            record["category"] = 42
-        if index % 89 == 7:
-            record.pop("country")
-        lines.append(json.dumps(record))
+    # Merchants (JSONL): extra records with a wrong type, a missing field, a line that is not JSON.
+    lines = [
+        json.dumps({"id": merchant_id, "category": str(merchant_category[index]),
+                    "country": str(merchant_country[index])})
+        for index, merchant_id in enumerate(merchant_ids)
+    ]
+    lines += [json.dumps({"id": f"X{i:05d}", "category": 42, "country": "US"}) for i in range(3)]
+    lines += [json.dumps({"id": f"Y{i:05d}", "country": "US"}) for i in range(3)]
     lines.insert(len(lines) // 2, '{"id": "M99999", "category": ')
     storage.write_bytes(join(uri, "merchants", "merchants.jsonl"), ("\n".join(lines) + "\n").encode())
 

@@ -185,12 +185,7 @@ def validate_batch(
     paths = batch.column(validate.PATH) if validate.PATH in batch.column_names else None
     table = table.append_column(validate.PATH, paths or pa.nulls(table.num_rows, pa.string()))
     table = table.append_column(validate.REASON, reasons).append_column(validate.RECORD, records)
-    for key_column, prefix, dimension in dimensions:
-        renamed = dimension.rename_columns(
-            [c if c == key_column else prefix + c for c in dimension.column_names]
-        )
-        table = table.join(renamed, keys=key_column, join_type="left outer")
-    return table
+    return validate.join_dimensions(table, dimensions)
 
 
 @ray.remote

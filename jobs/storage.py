@@ -109,6 +109,12 @@ class Storage:
         except (FileNotFoundError, OSError) as error:
             raise StorageError(f"cannot read table {uri}: {error}") from None
 
+    def read_table_dir(self, uri: str) -> pa.Table:
+        """Reads every parquet file under a URI into one table (for small tables)."""
+        fs, _ = self.filesystem(uri)
+        files = [f.removeprefix("s3://") for f in self.list_files(uri)]
+        return pa.concat_tables([pq.read_table(f, filesystem=fs) for f in files])
+
     def delete(self, uri: str) -> None:
         fs, path = self.filesystem(uri)
         info = fs.get_file_info(path)

@@ -200,3 +200,13 @@ def quarantine_records(
                         row[raw_name] = digest.hexdigest()[:32]
             records[index] = json.dumps(row, default=str)
     return pa.array(records, pa.string())
+
+
+def join_dimensions(table: pa.Table, dimensions: list[tuple[str, str, pa.Table]]) -> pa.Table:
+    """Left-joins dimension tables (key, column prefix, table); used in ingest and in serving."""
+    for key_column, prefix, dimension in dimensions:
+        renamed = dimension.rename_columns(
+            [c if c == key_column else prefix + c for c in dimension.column_names]
+        )
+        table = table.join(renamed, keys=key_column, join_type="left outer")
+    return table

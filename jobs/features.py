@@ -1,0 +1,354 @@
+"""Features: point-in-time history, derived and time features, a seeded stratified split, and
+the FeatureSpec fitted on the train split only.
+
+The FeatureSpec is JSON (no pickle). `transform` applies it to an Arrow table, whether that is
+a Ray Data batch or one HTTP record, so batch and online scores agree. The history state the
+online path needs (count, amount sum, last event per entity) is materialized as a lookup table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Annotated
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+import typer
+from pydantic import BaseModel, ConfigDict
+
+from jobs import validate
+from jobs.config import Config, FeaturesConfig, JoinConfig, SourceConfig, load_config
+from jobs.runtime import fingerprint, init_ray, table_hash
+from jobs.storage import Storage, join
+
+HISTORY = ["hist_txn_count", "hist_amount_mean", "hist_amount_ratio", "hist_seconds_since_prev"]
+STATE = ["state_count", "state_amount_sum", "state_last_ts"]
+SPLITS = ("train", "valid", "test")
+SPLIT = "split"
+UNIFORM = "_u"
+ROW = "_row"
+
+
+class FeatureSpec(BaseModel):
+    """Everything needed to turn a raw record into model input, fitted on the train split."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = 1
+    source: SourceConfig
+    joins: list[JoinConfig]
+    features: FeaturesConfig
+    medians: dict[str, float]
+    categories: dict[str, list[str]]
+    feature_names: list[str]
+
+
+def _epoch_seconds(column: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray:
+    return pc.cast(pc.cast(column, pa.timestamp("s")), pa.int64())
+
+
+def _seconds(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    return _epoch_seconds(column).to_numpy(zero_copy_only=False)
+
+
+def history_point_in_time(table: pa.Table, features: FeaturesConfig, tiebreak: str) -> pa.Table:
+    """History features from strictly earlier events of the same entity (needs whole entities)."""
+    history = features.history
+    entity = pd.factorize(table.column(history.entity).to_numpy(zero_copy_only=False))[0]
+    seconds = _seconds(table.column(features.timestamp))
+    tie = pd.factorize(table.column(tiebreak).to_numpy(zero_copy_only=False), sort=True)[0]
+    amount = table.column(history.amount).to_numpy(zero_copy_only=False).astype(np.float64)
+    order = np.lexsort((tie, seconds, entity))
+    ent, secs, amt = entity[order], seconds[order], amount[order]
+    n = len(order)
+    starts = np.r_[True, ent[1:] != ent[:-1]] if n else np.array([], bool)
+    group_start = np.maximum.accumulate(np.where(starts, np.arange(n), 0)) if n else starts
+    count = (np.arange(n) - group_start).astype(np.float64)
+    running = np.cumsum(amt) - amt
+    prior_sum = running - running[group_start] if n else running
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(count > 0, prior_sum / count, np.nan)
+        ratio = amt / mean
+    gap = np.where(starts, np.nan, np.r_[np.nan, np.diff(secs)] if n else secs).astype(np.float64)
+    columns = {}
+    for name, values in zip(HISTORY, (count, mean, ratio, gap), strict=True):
+        restored = np.empty(n)
+        restored[order] = values
+        columns[name] = pa.array(restored, pa.float64(), from_pandas=True)
+    for name, values in columns.items():
+        table = table.append_column(name, values)
+    return table
+
+
+def history_state(table: pa.Table, features: FeaturesConfig) -> pa.Table:
+    """Per-entity state after all events in `table`: what the online path joins on."""
+    history = features.history
+    grouped = pa.table(
+        {
+            history.entity: table.column(history.entity),
+            "amount": pc.cast(table.column(history.amount), pa.float64()),
+            "ts": pc.cast(table.column(features.timestamp), pa.timestamp("s")),
+        }
+    ).group_by(history.entity).aggregate([("amount", "count"), ("amount", "sum"), ("ts", "max")])
+    return grouped.rename_columns([*STATE, history.entity]).select([history.entity, *STATE])
+
+
+def history_from_state(records: pa.Table, state: pa.Table, features: FeaturesConfig) -> pa.Table:
+    """History features for new events from the stored state (same definitions as batch)."""
+    history = features.history
+    joined = records.join(state, keys=history.entity, join_type="left outer")
+    count = pc.fill_null(pc.cast(joined.column("state_count"), pa.float64()), 0.0)
+    has_prior = pc.greater(count, 0)
+    mean = pc.if_else(has_prior, pc.divide(joined.column("state_amount_sum"), count), None)
+    amount = pc.cast(joined.column(history.amount), pa.float64())
+    gap = pc.subtract(
+        pc.cast(_epoch_seconds(joined.column(features.timestamp)), pa.float64()),
+        pc.cast(_epoch_seconds(joined.column("state_last_ts")), pa.float64()),
+    )
+    values = (count, mean, pc.divide(amount, mean), gap)
+    joined = joined.drop_columns(STATE)
+    for name, value in zip(HISTORY, values, strict=True):
+        joined = joined.append_column(name, pc.cast(value, pa.float64()))
+    return joined
+
+
+def derive(table: pa.Table, features: FeaturesConfig) -> pa.Table:
+    """Derived and time features, relative to each event's own timestamp."""
+    timestamp = pc.cast(table.column(features.timestamp), pa.timestamp("s"))
+    for name, spec in features.derived.items():
+        first = table.column(spec.columns[0])
+        if spec.kind == "years_since_year":
+            value = pc.subtract(pc.cast(pc.year(timestamp), pa.float64()), pc.cast(first, pa.float64()))
+        elif spec.kind == "days_since":
+            start = pc.cast(pc.cast(first, pa.timestamp("s")), pa.int64())
+            value = pc.divide(pc.subtract(pc.cast(timestamp, pa.int64()), start), 86400.0)
+        else:
+            value = pc.cast(pc.not_equal(first, table.column(spec.columns[1])), pa.float64())
+        table = table.append_column(name, pc.cast(value, pa.float64()))
+    for name in features.time_features:
+        value = pc.hour(timestamp) if name == "hour" else pc.day_of_week(timestamp)
+        table = table.append_column(name, pc.cast(value, pa.float64()))
+    return table
+
+
+def feature_names(features: FeaturesConfig) -> list[str]:
+    return [*features.numeric, *features.time_features, *features.categorical]
+
+
+def transform(table: pa.Table, spec: FeatureSpec) -> pa.Table:
+    """Imputes, log-transforms and encodes into float32 model inputs (label/split kept if present)."""
+    features = spec.features
+    columns = {}
+    for name in [*features.numeric, *features.time_features]:
+        value = pc.cast(table.column(name), pa.float64())
+        value = pc.fill_null(pc.if_else(pc.is_nan(value), None, value), spec.medians.get(name, 0.0))
+        if name in features.log_transform:
+            value = pc.log1p(pc.max_element_wise(value, 0.0))
+        columns[name] = pc.cast(value, pa.float32())
+    for name in features.categorical:
+        known = pa.array(spec.categories[name], pa.string())
+        index = pc.index_in(pc.cast(table.column(name), pa.string()), value_set=known)
+        columns[name] = pc.cast(pc.fill_null(index, len(known)), pa.float32())
+    result = pa.table(columns)
+    for extra in (features.label, SPLIT):
+        if extra in table.column_names:
+            result = result.append_column(extra, table.column(extra))
+    return result
+
+
+def fit(sample: pa.Table, category_counts: dict[str, dict[str, int]], config: Config) -> FeatureSpec:
+    """Fits imputation values and category vocabularies; call it with train rows only."""
+    features = config.features
+    medians = {}
+    for name in [*features.numeric, *features.time_features]:
+        values = pc.cast(sample.column(name), pa.float64()).to_numpy(zero_copy_only=False)
+        finite = values[np.isfinite(values)]
+        medians[name] = float(np.median(finite)) if len(finite) else 0.0
+    categories = {
+        name: sorted(k for k, count in category_counts.get(name, {}).items()
+                     if k is not None and count >= features.min_category_count)
+        for name in features.categorical
+    }
+    return FeatureSpec(
+        source=config.sources[config.fact],
+        joins=config.joins,
+        features=features,
+        medians=medians,
+        categories=categories,
+        feature_names=feature_names(features),
+    )
+
+
+def uniform_from_keys(keys: pa.ChunkedArray | pa.Array, seed: int) -> np.ndarray:
+    """A seeded uniform number per key: the same key always lands in the same split."""
+    hashed = pd.util.hash_array(
+        np.asarray(keys.to_numpy(zero_copy_only=False), dtype=object), hash_key=f"{seed:016d}"[-16:]
+    )
+    return (hashed >> np.uint64(11)).astype(np.float64) / float(2**53)
+
+
+def assign_split(table: pa.Table, label: str, thresholds: dict[int, tuple[float, float]]) -> pa.Table:
+    """train / valid / test by per-class quantiles of the seeded uniform: exact stratification."""
+    labels = table.column(label).to_numpy(zero_copy_only=False)
+    uniform = table.column(UNIFORM).to_numpy(zero_copy_only=False)
+    low = np.array([thresholds[int(v)][0] for v in (0, 1)])[labels.astype(np.int64).clip(0, 1)]
+    high = np.array([thresholds[int(v)][1] for v in (0, 1)])[labels.astype(np.int64).clip(0, 1)]
+    split = np.where(uniform < low, "train", np.where(uniform < high, "valid", "test"))
+    return table.append_column(SPLIT, pa.array(split, pa.string()))
+
+
+def online_source(source: SourceConfig, label: str) -> SourceConfig:
+    """The fact source as seen by an HTTP request: standard names, no label, row rules only."""
+    return source.model_copy(
+        update={
+            "rename": {},
+            "types": {k: v for k, v in source.types.items() if k != label},
+            "rules": [r for r in source.rules if r.check not in ("unique", "references")
+                      and r.column != label],
+        }
+    )
+
+
+def enrich(records: pa.Table, spec: FeatureSpec, lookups: dict[str, pa.Table]) -> tuple[pa.Table, pa.Array]:
+    """Raw request records -> standardized, joined, history and derived columns; plus reasons."""
+    source = online_source(spec.source, spec.features.label)
+    table, reasons = validate.standardize(records, source)
+    reasons = validate.check_rows(table, source, reasons)
+    table = table.append_column(ROW, pa.array(np.arange(table.num_rows)))
+    dimensions = [(j.key, j.prefix, lookups[j.source]) for j in spec.joins]
+    table = validate.join_dimensions(table, dimensions)
+    if spec.features.history:
+        table = history_from_state(table, lookups["history"], spec.features)
+    table = table.sort_by(ROW).drop_columns([ROW])  # joins do not keep row order
+    return derive(table, spec.features), reasons
+
+
+@dataclass
+class FeaturesResult:
+    spec_uri: str
+    split_uris: dict[str, str]
+    lookup_uris: dict[str, str]
+    rows: dict[str, int]
+    positives: dict[str, int]
+    fingerprints: dict[str, dict]
+
+
+def _history_block(block: pa.Table, config: Config) -> pa.Table:
+    fact = config.sources[config.fact]
+    if config.features.history:
+        block = history_point_in_time(block, config.features, fact.primary_key)
+    block = derive(block, config.features)
+    return block.append_column(UNIFORM, pa.array(uniform_from_keys(block.column(fact.primary_key),
+                                                                   config.seed)))
+
+
+@ray.remote
+def _thresholds(label: str, split: dict[str, float], *blocks: pa.Table) -> dict[int, tuple]:
+    labels = np.concatenate([b.column(label).to_numpy(zero_copy_only=False) for b in blocks])
+    uniform = np.concatenate([b.column(UNIFORM).to_numpy() for b in blocks])
+    result = {}
+    for value in (0, 1):
+        of_class = uniform[labels == value]
+        if len(of_class) == 0:
+            result[value] = (split["train"], split["train"] + split["valid"])
+            continue
+        result[value] = tuple(
+            float(np.quantile(of_class, q)) for q in (split["train"], split["train"] + split["valid"])
+        )
+    return result
+
+
+@ray.remote(num_returns=3)
+def _split_block(block: pa.Table, config: Config, thresholds: dict, sample_fraction: float):
+    """Assigns splits; returns the block, its history state and train-only fitting stats."""
+    features = config.features
+    block = assign_split(block, features.label, thresholds)
+    state = history_state(block, features) if features.history else pa.table({})
+    train = block.filter(pc.equal(block.column(SPLIT), "train"))
+    counts = {
+        name: {row["values"]: row["counts"] for row in pc.value_counts(train.column(name)).to_pylist()}
+        for name in features.categorical
+    }
+    keep = pc.less(train.column(UNIFORM), sample_fraction)
+    sample = train.filter(keep).select([*features.numeric, *features.time_features])
+    return block, state, {"counts": counts, "sample": sample}
+
+
+@ray.remote(num_returns=4)
+def _transform_block(block: pa.Table, spec: FeatureSpec):
+    encoded = transform(block, spec)
+    parts = [encoded.filter(pc.equal(encoded.column(SPLIT), name)).drop_columns([SPLIT])
+             for name in SPLITS]
+    label = spec.features.label
+    stats = {name: {"rows": part.num_rows, "positives": int(pc.sum(part.column(label)).as_py() or 0),
+                    "hash": table_hash(part)} for name, part in zip(SPLITS, parts, strict=True)}
+    return (*parts, stats)
+
+
+def build_features(config: Config, run_uri: str, storage: Storage | None = None) -> FeaturesResult:
+    """Engineers features from a run's ingest output and writes splits, spec and lookups."""
+    storage = storage or Storage(config.s3)
+    init_ray(config)
+    features = config.features
+    fs, path = storage.filesystem(join(run_uri, "ingest", config.fact))
+    dataset = ray.data.read_parquet(path, filesystem=fs)
+    rows = dataset.count()
+    if rows == 0:
+        raise ValueError(f"no clean rows in {join(run_uri, 'ingest', config.fact)}")
+    partitions = max(2, min(64, rows // 250_000 + 1))
+    if features.history:
+        dataset = dataset.repartition(partitions, keys=[features.history.entity])
+    blocks = dataset.map_batches(
+        _history_block, batch_format="pyarrow", batch_size=None, fn_kwargs={"config": config}
+    ).materialize().to_arrow_refs()
+    thresholds = ray.get(_thresholds.remote(features.label, config.split.model_dump(), *blocks))
+    fraction = min(1.0, 500_000 / max(1.0, rows * config.split.train))
+    parts = [_split_block.remote(b, config, thresholds, fraction) for b in blocks]
+    stats = ray.get([part[2] for part in parts])
+    counts: dict[str, dict[str, int]] = {name: {} for name in features.categorical}
+    for item in stats:
+        for name, values in item["counts"].items():
+            for key, count in values.items():
+                counts[name][key] = counts[name].get(key, 0) + count
+    spec = fit(pa.concat_tables([item["sample"] for item in stats]), counts, config)
+    transformed = [_transform_block.remote(part[0], spec) for part in parts]
+    split_stats = ray.get([t[3] for t in transformed])
+    out = join(run_uri, "features")
+    result = FeaturesResult(join(out, "feature_spec.json"), {}, {}, {}, {}, {})
+    for index, name in enumerate(SPLITS):
+        uri = join(out, name)
+        fs, path = storage.filesystem(uri)
+        ray.data.from_arrow_refs([t[index] for t in transformed]).write_parquet(path, filesystem=fs)
+        result.split_uris[name] = uri
+        result.rows[name] = sum(s[name]["rows"] for s in split_stats)
+        result.positives[name] = sum(s[name]["positives"] for s in split_stats)
+        schema = ray.get(transformed[0][index]).schema
+        content = sum(s[name]["hash"] for s in split_stats)
+        result.fingerprints[name] = fingerprint(schema, result.rows[name], content)
+    lookups = {j.source: storage.read_table_dir(join(run_uri, "ingest", j.source)) for j in config.joins}
+    if features.history:
+        lookups["history"] = pa.concat_tables(ray.get([part[1] for part in parts]))
+    for name, table in lookups.items():
+        result.lookup_uris[name] = join(out, "lookups", f"{name}.parquet")
+        storage.write_table(result.lookup_uris[name], table)
+    storage.write_json(result.spec_uri, spec.model_dump(mode="json"))
+    storage.write_json(join(out, "_report.json"), asdict(result))
+    return result
+
+
+def main(
+    config: Annotated[str, typer.Option(help="Path to the pipeline config YAML")],
+    run: Annotated[str, typer.Option(help="Run URI whose ingest output to use")],
+) -> None:
+    """Build features for an ingested run."""
+    from jobs.summary import print_rows
+
+    result = build_features(load_config(config), run)
+    print_rows("features", {"spec": result.spec_uri, **{k: f"{v:,}" for k, v in result.rows.items()}})
+
+
+if __name__ == "__main__":
+    typer.run(main)
