@@ -124,13 +124,13 @@ def generate(
     account_age_days = ((START + seconds) - signup).astype(np.int64) / 86400
     mismatch = customers["country"][cust_index] != merchant_country[merch_index]
     logit = (
-        2.4 * ((event_hour < 5) & np.isin(category, RISKY_CATEGORIES))
-        + 2.0 * (ratio > 3.5)
-        + 1.4 * ((age < 25) & (channel == "web"))
-        + 1.0 * mismatch
-        + 1.8 * (np.nan_to_num(gap, nan=1e9) < 300)
-        + 0.9 * (account_age_days < 30)
-        + 0.6 * np.isin(category, RISKY_CATEGORIES)
+        3.5 * ((event_hour < 5) & np.isin(category, RISKY_CATEGORIES))
+        + 3.0 * (ratio > 3.5)
+        + 2.2 * ((age < 25) & (channel == "web"))
+        + 1.5 * mismatch
+        + 2.8 * (np.nan_to_num(gap, nan=1e9) < 300)
+        + 1.4 * (account_age_days < 30)
+        + 0.8 * np.isin(category, RISKY_CATEGORIES)
     )
     label = _calibrated_labels(rng, logit, fraud_rate)
     amount_usd = np.where(label == 1, amount_usd * rng.uniform(1.0, 2.5, rows), amount_usd)

@@ -138,6 +138,13 @@ def feature_names(features: FeaturesConfig) -> list[str]:
     return [*features.numeric, *features.time_features, *features.categorical]
 
 
+def feature_matrix(table: pa.Table, names: list[str]) -> np.ndarray:
+    """Model inputs as a float32 matrix in the spec's feature order."""
+    return np.column_stack(
+        [table.column(name).to_numpy(zero_copy_only=False) for name in names]
+    ).astype(np.float32, copy=False)
+
+
 def transform(table: pa.Table, spec: FeatureSpec) -> pa.Table:
     """Imputes, log-transforms and encodes into float32 model inputs (label/split kept if present)."""
     features = spec.features
@@ -200,11 +207,11 @@ def assign_split(table: pa.Table, label: str, thresholds: dict[int, tuple[float,
     return table.append_column(SPLIT, pa.array(split, pa.string()))
 
 
-def online_source(source: SourceConfig, label: str) -> SourceConfig:
-    """The fact source as seen by an HTTP request: standard names, no label, row rules only."""
+def online_source(source: SourceConfig, label: str, raw_names: bool = False) -> SourceConfig:
+    """The fact source for scoring: no label, row rules only; HTTP records use standard names."""
     return source.model_copy(
         update={
-            "rename": {},
+            "rename": source.rename if raw_names else {},
             "types": {k: v for k, v in source.types.items() if k != label},
             "rules": [r for r in source.rules if r.check not in ("unique", "references")
                       and r.column != label],
@@ -212,9 +219,11 @@ def online_source(source: SourceConfig, label: str) -> SourceConfig:
     )
 
 
-def enrich(records: pa.Table, spec: FeatureSpec, lookups: dict[str, pa.Table]) -> tuple[pa.Table, pa.Array]:
-    """Raw request records -> standardized, joined, history and derived columns; plus reasons."""
-    source = online_source(spec.source, spec.features.label)
+def enrich(
+    records: pa.Table, spec: FeatureSpec, lookups: dict[str, pa.Table], raw_names: bool = False
+) -> tuple[pa.Table, pa.Array]:
+    """Raw records -> standardized, joined, history and derived columns; plus row reasons."""
+    source = online_source(spec.source, spec.features.label, raw_names)
     table, reasons = validate.standardize(records, source)
     reasons = validate.check_rows(table, source, reasons)
     table = table.append_column(ROW, pa.array(np.arange(table.num_rows)))
@@ -277,15 +286,16 @@ def _split_block(block: pa.Table, config: Config, thresholds: dict, sample_fract
     return block, state, {"counts": counts, "sample": sample}
 
 
-@ray.remote(num_returns=4)
+@ray.remote(num_returns=5)
 def _transform_block(block: pa.Table, spec: FeatureSpec):
     encoded = transform(block, spec)
     parts = [encoded.filter(pc.equal(encoded.column(SPLIT), name)).drop_columns([SPLIT])
              for name in SPLITS]
+    test_raw = block.filter(pc.equal(block.column(SPLIT), "test")).drop_columns([SPLIT, UNIFORM])
     label = spec.features.label
     stats = {name: {"rows": part.num_rows, "positives": int(pc.sum(part.column(label)).as_py() or 0),
                     "hash": table_hash(part)} for name, part in zip(SPLITS, parts, strict=True)}
-    return (*parts, stats)
+    return (*parts, test_raw, stats)
 
 
 def build_features(config: Config, run_uri: str, storage: Storage | None = None) -> FeaturesResult:
@@ -315,7 +325,7 @@ def build_features(config: Config, run_uri: str, storage: Storage | None = None)
                 counts[name][key] = counts[name].get(key, 0) + count
     spec = fit(pa.concat_tables([item["sample"] for item in stats]), counts, config)
     transformed = [_transform_block.remote(part[0], spec) for part in parts]
-    split_stats = ray.get([t[3] for t in transformed])
+    split_stats = ray.get([t[4] for t in transformed])
     out = join(run_uri, "features")
     result = FeaturesResult(join(out, "feature_spec.json"), {}, {}, {}, {}, {})
     for index, name in enumerate(SPLITS):
@@ -328,6 +338,8 @@ def build_features(config: Config, run_uri: str, storage: Storage | None = None)
         schema = ray.get(transformed[0][index]).schema
         content = sum(s[name]["hash"] for s in split_stats)
         result.fingerprints[name] = fingerprint(schema, result.rows[name], content)
+    fs, path = storage.filesystem(join(out, "test_raw"))
+    ray.data.from_arrow_refs([t[3] for t in transformed]).write_parquet(path, filesystem=fs)
     lookups = {j.source: storage.read_table_dir(join(run_uri, "ingest", j.source)) for j in config.joins}
     if features.history:
         lookups["history"] = pa.concat_tables(ray.get([part[1] for part in parts]))

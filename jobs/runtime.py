@@ -28,7 +28,8 @@ def init_ray(config: Config | None = None) -> float:
     if ray.is_initialized():
         return 0.0
     started = time.perf_counter()
-    env = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    # Ray Train drains worker reports once per health-check interval (2 s by default): poll faster.
+    env = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env={"env_vars": env}, log_to_driver=True)
     else:

@@ -34,3 +34,36 @@ def print_rows(title: str, rows: dict[str, object]) -> None:
     for key, value in rows.items():
         table.add_row(key, value if isinstance(value, str) else f"{value}")
     console.print(table)
+
+
+def print_pipeline(ingested, features, trained, evaluation, result) -> None:
+    """One table per stage, then where everything went."""
+    print_ingest(ingested)
+    rows = {f"{name} rows": f"{count:,} ({features.positives[name]:,} positive)"
+            for name, count in features.rows.items()}
+    print_rows("features", {**rows, "feature spec": features.spec_uri})
+    print_rows("train", {
+        "plan": f"{trained.plan}: {trained.plan_reason}",
+        "rounds (best)": f"{trained.rounds} ({trained.best_iteration + 1})",
+        "valid PR-AUC": f"{trained.valid_aucpr:.4f}",
+        "class imbalance": ", ".join(f"{k}={v}" for k, v in trained.imbalance.items()),
+        "resumed from round": str(trained.resumed_from_round),
+        "seconds": f"{trained.seconds:.1f}",
+        "model": trained.model_uri,
+    })
+    metrics = evaluation.metrics
+    print_rows("evaluate (test split)", {
+        "ROC-AUC": f"{metrics['roc_auc']:.4f}",
+        "PR-AUC": f"{metrics['pr_auc']:.4f} (base rate {metrics['positives'] / metrics['rows']:.4f})",
+        "precision / recall / F1": f"{metrics['precision']:.3f} / {metrics['recall']:.3f} / "
+                                   f"{metrics['f1']:.3f}",
+        "threshold": f"{evaluation.threshold:.4f} ({evaluation.threshold_rule})",
+        "report": evaluation.report_uri,
+    })
+    print_rows("register", {
+        "version": str(result.version),
+        "production": "promoted" if result.promoted else "unchanged",
+        "gate": result.gate["reason"],
+        "stage seconds": ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()),
+        "run": result.run_uri,
+    })

@@ -1,0 +1,121 @@
+"""Predict: score raw records with a registered bundle, online or in batch.
+
+`score_records` is the one scoring path: the HTTP endpoint calls it for a request, and batch
+inference calls it for each Ray Data batch inside an actor that loads the bundle once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+import typer
+
+from jobs.config import Config, load_config
+from jobs.features import enrich, feature_matrix, transform
+from jobs.registry import Bundle, load_bundle
+from jobs.runtime import init_ray
+from jobs.storage import Storage, join
+
+
+@dataclass
+class PredictResult:
+    output_uri: str
+    quarantine_uri: str
+    rows_in: int
+    rows_scored: int
+    rows_quarantined: int
+    model: str
+    version: int
+
+
+def score_records(bundle: Bundle, records: pa.Table, raw_names: bool = False) -> tuple[np.ndarray, pa.Array]:
+    """Scores for every record (NaN where the record fails validation) and the reasons."""
+    enriched, reasons = enrich(records, bundle.spec, bundle.lookups, raw_names)
+    matrix = feature_matrix(transform(enriched, bundle.spec), bundle.spec.feature_names)
+    scores = bundle.booster.inplace_predict(matrix) if len(matrix) else np.empty(0, np.float32)
+    invalid = pc.is_valid(reasons).to_numpy(zero_copy_only=False)
+    return np.where(invalid, np.nan, scores), reasons
+
+
+class BundleScorer:
+    """A Ray Data actor: loads the bundle once, then scores batches of raw fact-source rows."""
+
+    def __init__(self, storage: Storage, registry_uri: str, name: str, ref: str | int):
+        self.bundle = load_bundle(storage, registry_uri, name, ref)
+        self.key = self.bundle.spec.source.primary_key
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        scores, reasons = score_records(self.bundle, batch.drop_columns(
+            [c for c in ("path",) if c in batch.column_names]), raw_names=True)
+        raw_key = next((r for r, s in self.bundle.spec.source.rename.items() if s == self.key), self.key)
+        labels = np.where(np.isnan(scores), -1, (scores >= self.bundle.threshold).astype(int))
+        return pa.table({
+            self.key: pc.cast(batch.column(raw_key), pa.string()),
+            "score": pa.array(scores, pa.float64(), from_pandas=True),
+            "label": pa.array(labels, pa.int8()),
+            "reason": reasons,
+            "model": pa.array([self.bundle.name] * batch.num_rows, pa.string()),
+            "version": pa.array([self.bundle.version] * batch.num_rows, pa.int32()),
+        })
+
+
+def predict(
+    config: Config,
+    input_uri: str,
+    output_uri: str,
+    ref: str | int = "production",
+    storage: Storage | None = None,
+    actors: int = 1,
+) -> PredictResult:
+    """Scores every file under `input_uri` (the fact source's format and column names)."""
+    storage = storage or Storage(config.s3)
+    init_ray(config)
+    registry_uri = join(config.storage, "registry")
+    source = config.sources[config.fact]
+    fs, path = storage.filesystem(input_uri)
+    files = [uri.removeprefix("s3://") for uri in storage.list_files(input_uri)]
+    reader = {"parquet": ray.data.read_parquet, "csv": ray.data.read_csv, "jsonl": ray.data.read_json}
+    dataset = reader[source.format](files, filesystem=fs)
+    scored = dataset.map_batches(
+        BundleScorer,
+        fn_constructor_kwargs={"storage": storage, "registry_uri": registry_uri,
+                               "name": config.name, "ref": ref},
+        batch_format="pyarrow",
+        batch_size=None,
+        concurrency=actors,
+        num_cpus=1,
+    ).materialize()
+    valid = scored.filter(expr="reason is null").drop_columns(["reason"])
+    invalid = scored.filter(expr="reason is not null")
+    out_fs, out_path = storage.filesystem(output_uri)
+    valid.write_parquet(join(out_path, "predictions"), filesystem=out_fs)
+    invalid.write_parquet(join(out_path, "quarantine"), filesystem=out_fs)
+    rows_in, rows_bad = scored.count(), invalid.count()
+    first = scored.take(1)
+    return PredictResult(join(output_uri, "predictions"), join(output_uri, "quarantine"), rows_in,
+                         rows_in - rows_bad, rows_bad, config.name,
+                         int(first[0]["version"]) if first else -1)
+
+
+def main(
+    config: Annotated[str, typer.Option(help="Pipeline config YAML")],
+    input: Annotated[str, typer.Option(help="URI of raw records in the fact source's format")],
+    output: Annotated[str, typer.Option(help="URI to write predictions/ and quarantine/ under")],
+    ref: Annotated[str, typer.Option(help="alias or version")] = "production",
+) -> None:
+    """Batch inference with a registered bundle."""
+    from dataclasses import asdict
+
+    from jobs.summary import print_rows
+
+    result = predict(load_config(config), input, output, ref)
+    print_rows("predict", {k: str(v) for k, v in asdict(result).items()})
+
+
+if __name__ == "__main__":
+    typer.run(main)

@@ -1,0 +1,203 @@
+"""The two ways `jobs.train` runs the same training function: one task, or Ray Train workers."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import ray
+import xgboost as xgb
+
+from jobs.config import Config, TrainConfig
+from jobs.storage import Storage, join
+from jobs.train import (
+    MODEL_FILE,
+    TrainResult,
+    apply_imbalance,
+    fit_booster,
+    load_booster,
+    read_split,
+    save_booster,
+    to_matrix,
+    xgb_params,
+)
+
+
+class StorageCheckpoint(xgb.callback.TrainingCallback):
+    """Every `every` rounds, writes the booster to storage and then moves the `latest` pointer."""
+
+    def __init__(self, storage: Storage, uri: str, every: int):
+        self.storage, self.uri, self.every = storage, uri, every
+
+    def after_iteration(self, model, epoch, evals_log) -> bool:
+        rounds = model.num_boosted_rounds()
+        if rounds % self.every == 0:
+            target = join(self.uri, f"round-{rounds:06d}.ubj")
+            save_booster(self.storage, model, target)
+            self.storage.write_json(join(self.uri, "latest.json"), {"round": rounds, "uri": target})
+        return False
+
+
+def latest_checkpoint(storage: Storage, uri: str) -> xgb.Booster | None:
+    pointer = join(uri, "latest.json")
+    if not storage.exists(pointer):
+        return None
+    return load_booster(storage, storage.read_json(pointer)["uri"])
+
+
+def _finish(booster: xgb.Booster, history: dict, resumed: int, rows: int) -> tuple[xgb.Booster, dict]:
+    best = int(getattr(booster, "best_iteration", booster.num_boosted_rounds() - 1))
+    rounds = booster.num_boosted_rounds()
+    best_model = booster[: best + 1]
+    aucpr = history.get("valid", {}).get("aucpr", [])
+    score = float(booster.attributes().get("best_score", aucpr[-1] if aucpr else "nan"))
+    return best_model, {"best_iteration": best, "rounds": rounds, "valid_aucpr": score,
+                        "resumed_from_round": resumed, "train_rows": rows}
+
+
+@ray.remote(max_retries=0)
+def _train_task(config: Config, train: TrainConfig, run_uri: str, storage: Storage,
+                imbalance: dict, nthread: int) -> dict:
+    """The single plan: read the splits with pyarrow, train with every CPU of this task."""
+    spec = storage.read_json(join(run_uri, "features", "feature_spec.json"))
+    names, label = spec["feature_names"], config.features.label
+    x_train, y_train = read_split(storage, run_uri, "train", label, names)
+    x_valid, y_valid = read_split(storage, run_uri, "valid", label, names)
+    x_train, y_train, weights = apply_imbalance(x_train, y_train, imbalance, config.seed)
+    params = xgb_params(train, config.seed, nthread, imbalance)
+    dtrain = xgb.QuantileDMatrix(x_train, y_train, weight=weights, feature_names=names)
+    dvalid = xgb.QuantileDMatrix(x_valid, y_valid, ref=dtrain, feature_names=names)
+    checkpoints = join(run_uri, "train", "checkpoints")
+    start = latest_checkpoint(storage, checkpoints)
+    resumed = start.num_boosted_rounds() if start is not None else 0
+    callback = StorageCheckpoint(storage, checkpoints, train.checkpoint_every)
+    booster, history = fit_booster(dtrain, dvalid, params, train, [callback], start)
+    model, summary = _finish(booster, history, resumed, len(y_train))
+    save_booster(storage, model, join(run_uri, "train", MODEL_FILE))
+    return {**summary, "params": params, "history": history, "checkpoint_uri": checkpoints}
+
+
+def run_single(config: Config, train: TrainConfig, run_uri: str, storage: Storage,
+               imbalance: dict) -> TrainResult:
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    cpus = max(1, int(max(n["Resources"].get("CPU", 1) for n in nodes)))
+    task = _train_task.options(num_cpus=cpus, max_retries=train.max_failures,
+                               num_gpus=train.gpus_per_worker or None)
+    out = ray.get(task.remote(config, train, run_uri, storage, imbalance, cpus))
+    return TrainResult(
+        model_uri=join(run_uri, "train", MODEL_FILE), plan="single", plan_reason="",
+        params=out["params"], imbalance=imbalance, best_iteration=out["best_iteration"],
+        rounds=out["rounds"], valid_aucpr=out["valid_aucpr"],
+        resumed_from_round=out["resumed_from_round"], train_rows=out["train_rows"], seconds=0.0,
+        cpus=cpus, checkpoint_uri=out["checkpoint_uri"], history=out["history"],
+    )
+
+
+class ReportEvery(xgb.callback.TrainingCallback):
+    """Reports to Ray Train only every `every` rounds, with a checkpoint from rank 0.
+
+    Ray's RayTrainReportCallback reports metrics on every round; each report waits for the
+    controller's poll, which cost about 2 s a round on small data.
+    """
+
+    def __init__(self, every: int):
+        self.every = every
+
+    def after_iteration(self, model, epoch, evals_log) -> bool:
+        if model.num_boosted_rounds() % self.every == 0:
+            report(model, evals_log)
+        return False
+
+
+def report(model: xgb.Booster, evals_log: dict, extra: dict | None = None) -> None:
+    import ray.train
+
+    metrics = {f"valid-{k}": float(v[-1]) for k, v in evals_log.get("valid", {}).items()}
+    metrics.update(extra or {}, rounds=model.num_boosted_rounds())
+    if ray.train.get_context().get_world_rank() == 0:
+        with tempfile.TemporaryDirectory() as folder:
+            model.save_model(Path(folder, MODEL_FILE))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+    else:
+        ray.train.report(metrics)
+
+
+def _worker_loop(loop_config: dict) -> None:
+    import ray.train
+
+    names, label, train = loop_config["names"], loop_config["label"], loop_config["train"]
+    rank = ray.train.get_context().get_world_rank()
+
+    def shard(name: str):
+        batches = ray.train.get_dataset_shard(name).iter_batches(batch_format="pyarrow",
+                                                                  batch_size=None)
+        return to_matrix(pa.concat_tables(list(batches)), label, names)
+
+    x_train, y_train = shard("train")
+    x_valid, y_valid = shard("valid")
+    x_train, y_train, weights = apply_imbalance(
+        x_train, y_train, loop_config["imbalance"], loop_config["seed"] + rank
+    )
+    dtrain = xgb.DMatrix(x_train, y_train, weight=weights, feature_names=names)
+    dvalid = xgb.DMatrix(x_valid, y_valid, feature_names=names)
+    start, resumed = None, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            start = xgb.Booster(model_file=str(Path(folder, MODEL_FILE)))
+        resumed = start.num_boosted_rounds()
+    booster, history = fit_booster(dtrain, dvalid, loop_config["params"], train,
+                                   [ReportEvery(train.checkpoint_every)], start)
+    model, summary = _finish(booster, history, resumed, len(y_train))
+    report(model, history, {**summary, "final": 1})
+
+
+def run_distributed(config: Config, train: TrainConfig, run_uri: str, storage: Storage,
+                    imbalance: dict) -> TrainResult:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.xgboost import XGBoostTrainer
+
+    spec = storage.read_json(join(run_uri, "features", "feature_spec.json"))
+    datasets = {}
+    for split in ("train", "valid"):
+        fs, path = storage.filesystem(join(run_uri, "features", split))
+        # Materialize before the workers take their CPUs: read tasks must never starve.
+        datasets[split] = ray.data.read_parquet(path, filesystem=fs).materialize()
+    storage_uri = join(run_uri, "train", "ray_train")
+    fs, path = storage.filesystem(storage_uri)
+    trainer = XGBoostTrainer(
+        _worker_loop,
+        train_loop_config={"names": spec["feature_names"], "label": config.features.label,
+                           "train": train, "imbalance": imbalance, "seed": config.seed,
+                           "params": xgb_params(train, config.seed, int(train.cpus_per_worker),
+                                                imbalance)},
+        scaling_config=ScalingConfig(
+            num_workers=train.num_workers, use_gpu=train.gpus_per_worker > 0,
+            resources_per_worker={"CPU": train.cpus_per_worker,
+                                  **({"GPU": train.gpus_per_worker} if train.gpus_per_worker else {})},
+        ),
+        run_config=RunConfig(
+            name="xgboost", storage_path=path, storage_filesystem=fs,
+            failure_config=FailureConfig(max_failures=train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+        datasets=datasets,
+    )
+    started = time.perf_counter()
+    result = trainer.fit()
+    metrics = result.metrics
+    with result.checkpoint.as_directory() as folder:
+        booster = xgb.Booster(model_file=str(Path(folder, MODEL_FILE)))
+    save_booster(storage, booster, join(run_uri, "train", MODEL_FILE))
+    return TrainResult(
+        model_uri=join(run_uri, "train", MODEL_FILE), plan="distributed", plan_reason="",
+        params=xgb_params(train, config.seed, None, imbalance), imbalance=imbalance,
+        best_iteration=int(metrics["best_iteration"]), rounds=int(metrics["rounds"]),
+        valid_aucpr=float(metrics["valid_aucpr"]),
+        resumed_from_round=int(metrics["resumed_from_round"]),
+        train_rows=int(metrics["train_rows"]) * train.num_workers, seconds=0.0,
+        cpus=train.num_workers * train.cpus_per_worker, checkpoint_uri=storage_uri,
+        history={"fit_seconds": round(time.perf_counter() - started, 3)},
+    )
