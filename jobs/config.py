@@ -187,11 +187,12 @@ class EvaluateConfig(Strict):
 class ServeConfig(Strict):
     host: str = "127.0.0.1"
     port: int = 8000
-    model: str = "fraud"
+    model: str = Field("", description="registered model name; defaults to the config's name")
     alias: str = "production"
     max_batch_size: int = 64
     batch_wait_timeout_s: float = 0.005
     max_records_per_request: int = 1000
+    replica_cpus: float = Field(0.5, gt=0, description="CPUs reserved per Serve replica")
 
 
 class S3Config(Strict):

@@ -93,7 +93,10 @@ def history_state(table: pa.Table, features: FeaturesConfig) -> pa.Table:
             "ts": pc.cast(table.column(features.timestamp), pa.timestamp("s")),
         }
     ).group_by(history.entity).aggregate([("amount", "count"), ("amount", "sum"), ("ts", "max")])
-    return grouped.rename_columns([*STATE, history.entity]).select([history.entity, *STATE])
+    names = {"amount_count": STATE[0], "amount_sum": STATE[1], "ts_max": STATE[2]}
+    return grouped.rename_columns([names.get(c, c) for c in grouped.column_names]).select(
+        [history.entity, *STATE]
+    )
 
 
 def history_from_state(records: pa.Table, state: pa.Table, features: FeaturesConfig) -> pa.Table:

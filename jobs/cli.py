@@ -1,0 +1,39 @@
+"""The `rayline` command: one subcommand per batch stage (serving has `python -m serving.app`)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from jobs import evaluate, features, ingest, pipeline, predict, registry, train
+
+app = typer.Typer(help="rayline: raw data to a served XGBoost model, on Ray.", no_args_is_help=True)
+data_app = typer.Typer(help="Sample data.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(registry.app, name="models")
+app.command("ingest")(ingest.main)
+app.command("features")(features.main)
+app.command("train")(train.main)
+app.command("evaluate")(evaluate.main)
+app.command("predict")(predict.main)
+app.command("pipeline")(pipeline.main)
+
+
+@data_app.command("generate")
+def generate_command(
+    out: Annotated[str, typer.Option(help="Folder or s3:// URI to write the three sources under")] = "data/fraud",
+    rows: Annotated[int, typer.Option(help="Number of transactions")] = 100_000,
+    days: Annotated[int, typer.Option(help="Days of transactions (one parquet file each)")] = 30,
+    seed: Annotated[int, typer.Option(help="Random seed")] = 7,
+) -> None:
+    """Generate the card-fraud sample data (transactions parquet, customers CSV, merchants JSONL)."""
+    from jobs.data import generate
+
+    made = generate(out, rows=rows, days=days, seed=seed)
+    typer.echo(f"wrote {made.transactions:,} transactions ({made.fraud_rate:.2%} fraud), "
+               f"{made.customers:,} customers, {made.merchants:,} merchants to {out}")
+
+
+if __name__ == "__main__":
+    app()
