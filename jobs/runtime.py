@@ -17,7 +17,7 @@ DEMO_PII_KEY = b"rayline-demo-key-not-for-production"
 log = logging.getLogger("rayline")
 
 
-def init_ray(config: Config | None = None) -> float:
+def init_ray(config: Config | None = None, num_cpus: int | None = None) -> float:
     """Starts or joins Ray; returns the seconds it took.
 
     Under `ray job submit` the driver gets RAY_ADDRESS and joins that cluster; anywhere else we
@@ -33,7 +33,7 @@ def init_ray(config: Config | None = None) -> float:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env={"env_vars": env}, log_to_driver=True)
     else:
-        num_cpus = config.ray.num_cpus if config else None
+        num_cpus = num_cpus or (config.ray.num_cpus if config else None)
         ray.init(
             address="local",
             num_cpus=num_cpus,

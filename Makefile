@@ -1,0 +1,47 @@
+# rayline: `make demo` and `make test` work on a fresh machine (they create .venv first).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CONFIG ?= configs/fraud.yaml
+
+.PHONY: install demo test test-fast serve lint format bench-preprocess bench-train bench-tune clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: install  ## whole lifecycle on a local Ray, ending with a real HTTP prediction
+	$(PY) -m serving.demo --config $(CONFIG)
+
+test: install  ## the whole suite, slow tests included
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+serve: install  ## keep the endpoint up on the config's host:port
+	$(PY) -m serving.app --config $(CONFIG)
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+bench-preprocess: install
+	$(PY) -m benchmarks.preprocess
+
+bench-train: install
+	$(PY) -m benchmarks.train
+
+bench-tune: install
+	$(PY) -m benchmarks.tune
+
+clean:
+	rm -rf artifacts data .pytest_cache

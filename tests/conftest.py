@@ -1,0 +1,119 @@
+"""Shared fixtures: one local Ray for the session, sample data, a moto S3 server on loopback.
+
+Tests never attach to a cluster they did not start: Ray runs embedded (`address="local"`,
+2 CPUs, no dashboard) and every server a test needs is started here with free ports.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+# Fake credentials for the local S3 server; set before Ray starts so its workers inherit them.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+os.environ.setdefault("RAYLINE_PII_KEY", "test-pii-key")
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_ROWS = 20_000
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    from jobs.runtime import init_ray
+
+    init_ray(num_cpus=2)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def sample_data(tmp_path_factory) -> Path:
+    from jobs.data import generate
+
+    folder = tmp_path_factory.mktemp("data")
+    generate(str(folder), rows=SAMPLE_ROWS, days=10, seed=11)
+    return folder
+
+
+def make_config(data: Path | str, storage: Path | str, **overrides):
+    """configs/fraud.yaml pointed at `data` and `storage`, small enough for tests."""
+    from jobs.config import load_config
+
+    values = {
+        "storage": str(storage),
+        "sources.transactions.uri": f"{data}/transactions",
+        "sources.customers.uri": f"{data}/customers",
+        "sources.merchants.uri": f"{data}/merchants",
+        "train.plan": "single",
+        "train.num_boost_round": 120,
+        "train.checkpoint_every": 20,
+    }
+    values.update(overrides)
+    return load_config(ROOT / "configs" / "fraud.yaml", values)
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(ray_session, sample_data, tmp_path_factory):
+    """One full pipeline run on the sample data, shared by registry, predict and serving tests."""
+    from jobs.pipeline import run_pipeline
+
+    config = make_config(sample_data, tmp_path_factory.mktemp("artifacts"))
+    return config, run_pipeline(config, quiet=True)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on loopback (real HTTP); yields its endpoint URL."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A fresh bucket on the moto server; yields (endpoint_url, bucket name)."""
+    import uuid
+
+    import pyarrow.fs as pafs
+
+    name = f"rayline-{uuid.uuid4().hex[:8]}"
+    host = s3_server.removeprefix("http://")
+    fs = pafs.S3FileSystem(endpoint_override=host, scheme="http", region="us-east-1",
+                           allow_bucket_creation=True)
+    fs.create_dir(name)
+    return s3_server, name
