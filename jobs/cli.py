@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from jobs import evaluate, features, ingest, pipeline, predict, registry, train
+from jobs import cv, evaluate, features, ingest, pipeline, predict, registry, train, tune
 
 app = typer.Typer(help="rayline: raw data to a served XGBoost model, on Ray.", no_args_is_help=True)
 data_app = typer.Typer(help="Sample data.", no_args_is_help=True)
@@ -15,6 +15,8 @@ app.add_typer(registry.app, name="models")
 app.command("ingest")(ingest.main)
 app.command("features")(features.main)
 app.command("train")(train.main)
+app.command("cv")(cv.main)
+app.command("tune")(tune.main)
 app.command("evaluate")(evaluate.main)
 app.command("predict")(predict.main)
 app.command("pipeline")(pipeline.main)

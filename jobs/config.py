@@ -154,16 +154,31 @@ class TrainConfig(Strict):
     params: dict[str, float | int | str] = Field(default_factory=dict)
 
 
+Distribution = Literal["uniform", "loguniform", "randint", "choice"]
+
+
 class TuneConfig(Strict):
+    """Ray Tune over the training function; `space` maps a param to {distribution: [args]}."""
+
     search: Literal["random", "optuna"] = "random"
-    num_samples: int = Field(16, ge=1)
+    num_samples: int = Field(16, ge=1, description="maximum number of trials")
     max_concurrent: int = Field(2, ge=1)
-    time_budget_s: float | None = None
+    time_budget_s: float | None = Field(None, gt=0, description="stop starting trials after this")
     asha: bool = True
-    grace_period: int = 10
-    cpus_per_trial: float = 1
-    num_boost_round: int = 100
-    space: dict[str, dict[str, float | int | str | list]] = Field(default_factory=dict)
+    grace_period: int = Field(10, ge=1)
+    reduction_factor: int = Field(3, ge=2)
+    cpus_per_trial: float = Field(1, gt=0)
+    num_boost_round: int = Field(100, ge=1)
+    metric: Literal["aucpr", "auc", "logloss"] = "aucpr"
+    space: dict[str, dict[Distribution, list[float | int | str]]] = Field(
+        default_factory=lambda: {
+            "eta": {"loguniform": [0.02, 0.3]},
+            "max_depth": {"randint": [3, 10]},
+            "min_child_weight": {"loguniform": [0.5, 20.0]},
+            "subsample": {"uniform": [0.6, 1.0]},
+            "colsample_bytree": {"uniform": [0.5, 1.0]},
+        }
+    )
 
 
 class ThresholdConfig(Strict):

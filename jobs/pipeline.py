@@ -2,7 +2,7 @@
 
 This is what `make demo` runs locally and what `ray job submit -- python -m jobs.pipeline`
 runs on a cluster. Each stage writes to the run's folder under `storage`, so a run can be
-inspected, resumed stage by stage, or re-run.
+inspected, continued stage by stage (`finish_run`), or re-run.
 """
 
 from __future__ import annotations
@@ -33,22 +33,64 @@ class PipelineResult:
     seconds: dict = field(default_factory=dict)
 
 
-def lineage(config: Config, run_uri: str, ingest_result, features_result, train_result,
-            seconds: dict) -> dict:
+def lineage(config: Config, run_uri: str, storage: Storage, trained, seconds: dict) -> dict:
+    """What a bundle records about where it came from (and the inputs of its cost)."""
+    ingest_report = storage.read_json(join(run_uri, "ingest", "_report.json"))
+    features_report = storage.read_json(join(run_uri, "features", "_report.json"))
     return {
         "config_digest": config.digest(),
         "config_name": config.name,
         "run_uri": run_uri,
         "git_commit": registry.git_commit(),
         "libraries": registry.library_versions(),
-        "data": {name: report.fingerprint for name, report in ingest_result.sources.items()},
-        "features": features_result.fingerprints,
-        "training": {"plan": train_result.plan, "reason": train_result.plan_reason,
-                     "cpus": train_result.cpus, "seconds": train_result.seconds,
-                     "rounds": train_result.rounds, "best_iteration": train_result.best_iteration,
-                     "params": train_result.params, "imbalance": train_result.imbalance},
+        "data": {name: report["fingerprint"] for name, report in ingest_report.items()},
+        "features": features_report["fingerprints"],
+        "training": {"plan": trained.plan, "reason": trained.plan_reason, "cpus": trained.cpus,
+                     "seconds": trained.seconds, "rounds": trained.rounds,
+                     "best_iteration": trained.best_iteration, "params": trained.params,
+                     "imbalance": trained.imbalance,
+                     "resumed_from_round": trained.resumed_from_round},
         "stage_seconds": seconds,
     }
+
+
+def _timed(seconds: dict, name: str, function, *args, **kwargs):
+    started = time.perf_counter()
+    value = function(*args, **kwargs)
+    seconds[name] = round(time.perf_counter() - started, 3)
+    return value
+
+
+def finish_run(
+    config: Config,
+    run_uri: str,
+    storage: Storage | None = None,
+    params_override: dict | None = None,
+    extra_lineage: dict | None = None,
+    seconds: dict | None = None,
+    quiet: bool = False,
+):
+    """Train -> evaluate -> gate -> publish for a run that already has features."""
+    from jobs import summary
+
+    storage = storage or Storage(config.s3)
+    seconds = seconds if seconds is not None else {}
+    trained = _timed(seconds, "train", train_model, config, run_uri, storage, params_override)
+    evaluation = _timed(seconds, "evaluate", evaluate, config, run_uri, storage)
+    registry_uri = join(config.storage, "registry")
+    gate = promotion_gate(config, run_uri, evaluation.metrics, storage)
+    record = {**lineage(config, run_uri, storage, trained, seconds), **(extra_lineage or {})}
+    version = registry.publish(storage, registry_uri, config.name, run_uri, evaluation.threshold,
+                               evaluation.metrics, record)
+    registry.set_alias(storage, registry_uri, config.name, "candidate", version, gate["reason"])
+    if gate["promote"]:
+        registry.set_alias(storage, registry_uri, config.name, "production", version,
+                           gate["reason"])
+    result = PipelineResult(run_uri, version, gate["promote"], gate, evaluation.metrics, seconds)
+    storage.write_json(join(run_uri, "pipeline.json"), asdict(result))
+    if not quiet:
+        summary.print_training(trained, evaluation, result)
+    return result
 
 
 def run_pipeline(config: Config, storage: Storage | None = None, quiet: bool = False) -> PipelineResult:
@@ -58,31 +100,12 @@ def run_pipeline(config: Config, storage: Storage | None = None, quiet: bool = F
     storage = storage or Storage(config.s3)
     seconds = {"ray_start": init_ray(config)}
     run_uri = join(config.storage, "runs", new_run_id())
-
-    def timed(name, function, *args):
-        started = time.perf_counter()
-        value = function(*args)
-        seconds[name] = round(time.perf_counter() - started, 3)
-        return value
-
-    ingested = timed("ingest", ingest, config, run_uri, storage)
-    features = timed("features", build_features, config, run_uri, storage)
-    trained = timed("train", train_model, config, run_uri, storage)
-    evaluation = timed("evaluate", evaluate, config, run_uri, storage)
-    registry_uri = join(config.storage, "registry")
-    gate = promotion_gate(config, run_uri, evaluation.metrics, storage)
-    version = registry.publish(
-        storage, registry_uri, config.name, run_uri, evaluation.threshold, evaluation.metrics,
-        lineage(config, run_uri, ingested, features, trained, seconds),
-    )
-    registry.set_alias(storage, registry_uri, config.name, "candidate", version, gate["reason"])
-    if gate["promote"]:
-        registry.set_alias(storage, registry_uri, config.name, "production", version, gate["reason"])
-    result = PipelineResult(run_uri, version, gate["promote"], gate, evaluation.metrics, seconds)
-    storage.write_json(join(run_uri, "pipeline.json"), asdict(result))
+    ingested = _timed(seconds, "ingest", ingest, config, run_uri, storage)
+    features = _timed(seconds, "features", build_features, config, run_uri, storage)
     if not quiet:
-        summary.print_pipeline(ingested, features, trained, evaluation, result)
-    return result
+        summary.print_ingest(ingested)
+        summary.print_features(features)
+    return finish_run(config, run_uri, storage, seconds=seconds, quiet=quiet)
 
 
 def main(

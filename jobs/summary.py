@@ -36,12 +36,14 @@ def print_rows(title: str, rows: dict[str, object]) -> None:
     console.print(table)
 
 
-def print_pipeline(ingested, features, trained, evaluation, result) -> None:
-    """One table per stage, then where everything went."""
-    print_ingest(ingested)
+def print_features(features) -> None:
     rows = {f"{name} rows": f"{count:,} ({features.positives[name]:,} positive)"
             for name, count in features.rows.items()}
     print_rows("features", {**rows, "feature spec": features.spec_uri})
+
+
+def print_training(trained, evaluation, result) -> None:
+    """Train, evaluate and register tables, then where everything went."""
     print_rows("train", {
         "plan": f"{trained.plan}: {trained.plan_reason}",
         "rounds (best)": f"{trained.rounds} ({trained.best_iteration + 1})",

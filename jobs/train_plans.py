@@ -14,6 +14,7 @@ from jobs.config import Config, TrainConfig
 from jobs.storage import Storage, join
 from jobs.train import (
     MODEL_FILE,
+    TrainingError,
     TrainResult,
     apply_imbalance,
     fit_booster,
@@ -41,10 +42,15 @@ class StorageCheckpoint(xgb.callback.TrainingCallback):
 
 
 def latest_checkpoint(storage: Storage, uri: str) -> xgb.Booster | None:
+    """The booster the `latest` pointer names, None if there is no pointer; an error if the
+    pointer names a checkpoint that is gone (resuming silently from round 0 would hide it)."""
     pointer = join(uri, "latest.json")
     if not storage.exists(pointer):
         return None
-    return load_booster(storage, storage.read_json(pointer)["uri"])
+    target = storage.read_json(pointer)["uri"]
+    if not storage.exists(target):
+        raise TrainingError(f"checkpoint pointer {pointer} names {target}, which is missing")
+    return load_booster(storage, target)
 
 
 def _finish(booster: xgb.Booster, history: dict, resumed: int, rows: int) -> tuple[xgb.Booster, dict]:

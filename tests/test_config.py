@@ -1,0 +1,110 @@
+"""Config errors name the key path and stop the run before any work starts."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from jobs.config import Config, ConfigError, load_config, parse_config
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "fraud.yaml"
+
+
+@pytest.fixture(scope="module")
+def raw_config() -> dict:
+    return yaml.safe_load(CONFIG.read_text())
+
+
+def test_shipped_config_loads():
+    config = load_config(CONFIG)
+    assert isinstance(config, Config)
+    assert config.fact in config.sources
+    assert config.sources["transactions"].primary_key == "transaction_id"
+
+
+def test_typo_in_key_names_the_dotted_path():
+    with pytest.raises(ConfigError) as error:
+        load_config(CONFIG, {"train.num_workerz": 4})
+    message = str(error.value)
+    assert "train.num_workerz" in message
+    assert str(CONFIG) in message
+
+
+def test_typo_in_nested_list_item_names_the_full_path(raw_config):
+    data = copy.deepcopy(raw_config)
+    data["sources"]["customers"]["rules"][0]["colum"] = "customer_id"
+    with pytest.raises(ConfigError) as error:
+        parse_config(data, origin="edited.yaml")
+    assert "sources.customers.rules.0" in str(error.value)
+    assert "colum" in str(error.value)
+
+
+def test_wrong_type_names_the_path_and_the_value():
+    with pytest.raises(ConfigError) as error:
+        load_config(CONFIG, {"train.num_boost_round": "many"})
+    message = str(error.value)
+    assert "train.num_boost_round" in message
+    assert "'many'" in message
+
+
+def test_out_of_range_value_is_an_error():
+    with pytest.raises(ConfigError, match=r"train\.num_workers"):
+        load_config(CONFIG, {"train.num_workers": 0})
+
+
+def test_typo_does_not_fall_back_to_a_default():
+    # A correctly spelled override takes effect; the misspelled one must not be ignored silently.
+    assert load_config(CONFIG, {"train.num_workers": 3}).train.num_workers == 3
+    with pytest.raises(ConfigError):
+        load_config(CONFIG, {"train.num_worker": 3})
+
+
+def test_unknown_source_in_references_rule(raw_config):
+    data = copy.deepcopy(raw_config)
+    data["sources"]["transactions"]["rules"].append(
+        {"check": "references", "column": "customer_id", "source": "custmers"}
+    )
+    with pytest.raises(ConfigError) as error:
+        parse_config(data)
+    assert "custmers" in str(error.value)
+    assert "sources.transactions.rules" in str(error.value)
+
+
+def test_unknown_join_source_and_fact(raw_config):
+    data = copy.deepcopy(raw_config)
+    data["joins"].append({"source": "devices", "key": "device_id"})
+    with pytest.raises(ConfigError, match="devices"):
+        parse_config(data)
+    data = copy.deepcopy(raw_config)
+    data["fact"] = "payments"
+    with pytest.raises(ConfigError, match="payments"):
+        parse_config(data)
+
+
+def test_split_fractions_must_sum_to_one():
+    with pytest.raises(ConfigError, match="sum to 1"):
+        load_config(CONFIG, {"split.test": 0.3})
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError) as error:
+        load_config(missing)
+    assert "not found" in str(error.value)
+    assert str(missing) in str(error.value)
+
+
+def test_invalid_yaml_is_a_config_error(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: fraud\nsources: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(broken)
+
+
+def test_digest_tracks_effective_config():
+    base = load_config(CONFIG)
+    assert base.digest() == load_config(CONFIG).digest()
+    assert base.digest() != load_config(CONFIG, {"seed": 7}).digest()
