@@ -1,0 +1,123 @@
+"""rayline train vs plain `xgboost.train` on the same generated rows, in one process run.
+
+    python -m benchmarks.train [--rows 2000000] [--small-rows 20000] [--plan auto]
+
+Both sides read the same train/valid parquet splits (made by rayline's own ingest + features
+on generated data), use the same parameters and rounds, and write the model. Ray start-up is
+timed separately and excluded from rayline's time, as the issue asks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from datetime import date
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import xgboost as xgb
+
+from jobs.config import load_config
+from jobs.data import generate
+from jobs.features import build_features
+from jobs.ingest import ingest
+from jobs.runtime import init_ray
+from jobs.storage import Storage, join
+from jobs.train import imbalance_plan, read_split, train_model, xgb_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def prepared_run(rows: int, base: Path, config_overrides: dict):
+    """Generates data and runs ingest + features once per size; later runs reuse them."""
+    data, storage = base / f"data-{rows}", base / f"artifacts-{rows}"
+    config = load_config(ROOT / "configs" / "fraud.yaml", {
+        "storage": str(storage), **{f"sources.{s}.uri": str(data / s)
+                                    for s in ("transactions", "customers", "merchants")},
+        **config_overrides})
+    run_uri = str(storage / "runs" / "bench")
+    if not (storage / "runs" / "bench" / "features" / "_report.json").exists():
+        if not (data / "transactions").exists():
+            generate(str(data), rows=rows, days=30)
+        init_ray(config)
+        ingest(config, run_uri)
+        build_features(config, run_uri)
+    return config, run_uri
+
+
+def plain_xgboost(config, run_uri: str) -> dict:
+    """What a user would write by hand: read parquet, QuantileDMatrix, xgboost.train, save."""
+    started = time.perf_counter()
+    storage = Storage()
+    report = storage.read_json(join(run_uri, "features", "_report.json"))
+    spec = storage.read_json(join(run_uri, "features", "feature_spec.json"))
+    names, label = spec["feature_names"], config.features.label
+    x_train, y_train = read_split(storage, run_uri, "train", label, names)
+    x_valid, y_valid = read_split(storage, run_uri, "valid", label, names)
+    imbalance = imbalance_plan(report["positives"]["train"], report["rows"]["train"], config.train)
+    params = xgb_params(config.train, config.seed, os.cpu_count(), imbalance)
+    dtrain = xgb.QuantileDMatrix(x_train, y_train)
+    dvalid = xgb.QuantileDMatrix(x_valid, y_valid, ref=dtrain)
+    booster = xgb.train(params, dtrain, num_boost_round=config.train.num_boost_round,
+                        evals=[(dvalid, "valid")],
+                        early_stopping_rounds=config.train.early_stopping_rounds,
+                        verbose_eval=False)
+    booster.save_model(str(Path(run_uri) / "plain-model.ubj"))
+    return {"seconds": time.perf_counter() - started, "rounds": booster.num_boosted_rounds(),
+            "valid_aucpr": float(booster.best_score)}
+
+
+def rayline_train(config, run_uri: str) -> dict:
+    started = time.perf_counter()
+    result = train_model(config, run_uri)
+    return {"seconds": time.perf_counter() - started, "rounds": result.rounds,
+            "valid_aucpr": result.valid_aucpr, "plan": result.plan, "reason": result.plan_reason}
+
+
+def main(
+    rows: Annotated[int, typer.Option(help="Large size (transactions)")] = 2_000_000,
+    small_rows: Annotated[int, typer.Option(help="Small size (transactions)")] = 20_000,
+    plan: Annotated[str, typer.Option(help="rayline train.plan: auto, single, distributed")] = "auto",
+    rounds: Annotated[int, typer.Option(help="Boosting rounds (early stopping may end sooner)")] = 300,
+    base: Annotated[str, typer.Option(help="Scratch folder")] = "/tmp/rayline-bench/train",
+) -> None:
+    """Benchmark rayline train against plain xgboost at two data sizes."""
+    from rich.table import Table
+
+    from jobs.summary import console
+
+    overrides = {"train.plan": plan, "train.num_boost_round": rounds}
+    results = {"command": " ".join(sys.argv), "date": date.today().isoformat(),
+               "cpus": os.cpu_count(), "python": platform.python_version(),
+               "xgboost": xgb.__version__, "sizes": {}}
+    results["ray_start_seconds"] = round(init_ray(None), 2)
+    table = Table(title="train: rayline vs plain xgboost (Ray start excluded)")
+    for column in ("rows", "train rows", "plain s", "rayline s", "ratio", "extra s", "plan",
+                   "valid PR-AUC plain / rayline"):
+        table.add_column(column)
+    for size in (small_rows, rows):
+        config, run_uri = prepared_run(size, Path(base), overrides)
+        plain_xgboost(config, run_uri)  # warm the page cache and xgboost's lazy init
+        plain = plain_xgboost(config, run_uri)
+        ours = rayline_train(config, run_uri)
+        train_rows = Storage().read_json(join(run_uri, "features", "_report.json"))["rows"]["train"]
+        ratio, extra = ours["seconds"] / plain["seconds"], ours["seconds"] - plain["seconds"]
+        results["sizes"][size] = {"train_rows": train_rows, "plain": plain, "rayline": ours,
+                                  "ratio": round(ratio, 3), "extra_seconds": round(extra, 3)}
+        table.add_row(f"{size:,}", f"{train_rows:,}", f"{plain['seconds']:.2f}",
+                      f"{ours['seconds']:.2f}", f"{ratio:.2f}x", f"{extra:+.2f}", ours["plan"],
+                      f"{plain['valid_aucpr']:.4f} / {ours['valid_aucpr']:.4f}")
+    console.print(table)
+    console.print(f"Ray start (excluded above): {results['ray_start_seconds']} s")
+    out = ROOT / "benchmarks" / "results" / f"train-{date.today():%Y%m%d}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2, default=str))
+    console.print(f"results: {out}")
+
+
+if __name__ == "__main__":
+    typer.run(main)
