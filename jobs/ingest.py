@@ -154,13 +154,10 @@ def _read(storage: Storage, source: SourceConfig, files: list[str]) -> ray.data.
     if source.format == "parquet":
         fs, _ = storage.filesystem(files[0])
         paths = [uri.removeprefix("s3://") for uri in files]
+        columns = list(validate.raw_columns(source).values())
         return ray.data.read_parquet(
-            paths,
-            filesystem=fs,
-            columns=list(validate.raw_columns(source).values()),
-            include_paths=True,
-            partitioning=None,
-        )
+            paths, filesystem=fs, include_paths=True, partitioning=None
+        ).select_columns([*columns, validate.PATH])
     return ray.data.from_arrow_refs([_read_text_file.remote(storage, uri, source) for uri in files])
 
 

@@ -17,10 +17,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import make_config
 
 from jobs.ingest import SourceError, ingest
 from jobs.validate import SchemaError
+from tests.conftest import make_config
 
 HEX32 = re.compile(r"^[0-9a-f]{32}$")
 GARBAGE = b"this is not a parquet file\n" * 64
@@ -167,7 +167,8 @@ def test_unparseable_timestamp_is_quarantined_and_both_formats_parse(raw, clean,
     bad = {r["txn_id"] for r in raw if r["event_time"] == "not-a-time"}
     assert bad
     flagged = {
-        key for key, reasons in reasons_by_id.items()
+        key
+        for key, reasons in reasons_by_id.items()
         if "timestamp: not a valid timestamp" in reasons
     }
     assert flagged == bad  # "2026-01-01 10:00:00" and "2026-01-01T10:00:00" both parse
@@ -252,8 +253,14 @@ def test_corrupted_file_is_reported_and_copied_while_the_rest_is_ingested(ingest
 
 def test_rename_to_missing_raw_column_raises_schema_error(ray_session, sample_data, tmp_path):
     storage = tmp_path / "store"
-    rename = {"txn_id": "transaction_id", "customer": "customer_id", "merchant": "merchant_id",
-              "ccy": "currency", "event_time": "timestamp", "is_fraud": "label"}
+    rename = {
+        "txn_id": "transaction_id",
+        "customer": "customer_id",
+        "merchant": "merchant_id",
+        "ccy": "currency",
+        "event_time": "timestamp",
+        "is_fraud": "label",
+    }
     config = make_config(sample_data, storage, **{"sources.transactions.rename": rename})
     with pytest.raises(SchemaError) as error:
         ingest(config)

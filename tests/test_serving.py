@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import requests
-from conftest import free_port
+from tests.conftest import free_port
 
 from jobs.features import online_source
 from jobs.predict import predict, score_records
@@ -224,10 +224,14 @@ def test_parity_http_in_process_and_batch(served, bundle, raw_records, records, 
     config, url = served
     online = http_scores(url, records)
 
-    # In process, from the standardized records the HTTP layer builds.
-    from serving.app import records_table
+    # In process: the raw table as batch reads it, and the table the HTTP layer builds after
+    # validating each record against the generated request schema.
+    from serving.app import record_model, records_table
 
-    in_process, reasons = score_records(bundle, records_table(records, bundle.spec))
+    in_process, reasons = score_records(bundle, raw_records, raw_names=True)
+    assert reasons.null_count == len(records)
+    validated = [record_model(bundle.spec).model_validate(r).model_dump() for r in records]
+    http_table, reasons = score_records(bundle, records_table(validated, bundle.spec))
     assert reasons.null_count == len(records)
 
     # Batch, from a parquet file in the fact source's raw column names.
@@ -242,6 +246,7 @@ def test_parity_http_in_process_and_batch(served, bundle, raw_records, records, 
     batch_labels = [by_id[r["transaction_id"]]["label"] for r in records]
 
     assert np.allclose(online, in_process, atol=1e-6)
+    assert np.allclose(online, http_table, atol=1e-6)
     assert np.allclose(online, batch, atol=1e-6)
     assert batch_labels == [int(s >= bundle.threshold) for s in online]
     assert set(batch_labels) == {0, 1}, "the riskiest records should cross the threshold"

@@ -238,7 +238,9 @@ def test_quarantine_records_hide_pii_in_raw_names():
 
 
 def test_check_schema_names_source_and_missing_column():
-    config = source(rename={"cust_id": "customer_id"}, types={"customer_id": "string", "x": "int64"})
+    config = source(
+        rename={"cust_id": "customer_id"}, types={"customer_id": "string", "x": "int64"}
+    )
     check_schema(["cust_id", "x", "extra"], config, "transactions", "day1.parquet")
     with pytest.raises(SchemaError) as error:
         check_schema(["customer_id", "x"], config, "transactions", "day1.parquet")
