@@ -5,8 +5,9 @@
 
 Sample data comes from jobs.data.generate and is cached per row count under --data. rayline runs
 configs/fraud.yaml on a local Ray started with every core (the start is timed on its own), twice:
-cold (first run after start) and warm (workers up). The polars and pandas versions live in
-benchmarks/baselines_preprocess.py and write the same outputs under --out/<implementation>.
+cold (first run after start) and warm (workers up). The polars and pandas versions
+(benchmarks/baselines_{polars,pandas}.py; shared parts and the known differences from rayline in
+baselines_preprocess.py) write the same outputs under --out/<implementation>.
 Row counts, quarantine counts and reasons must agree; the split sizes within a few rows.
 """
 
@@ -45,18 +46,8 @@ IMPLEMENTATIONS = ("rayline", "polars", "pandas")
 SOURCES = ("transactions", "customers", "merchants")
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-SPLIT_TOLERANCE = 5  # rows; the baselines may hash the transaction id differently
-NOTES = [
-    "polars splits on polars' own seeded hash of transaction_id, so its split membership (and "
-    "so its fitted medians) differ from rayline's; sizes agree. pandas uses rayline's hash.",
-    "the baselines keep the clean joined table in memory for the features step; rayline "
-    "writes it and reads it back (it is a separate stage).",
-    "history means use a per-customer cumulative sum (rayline: one global cumsum minus the "
-    "group start), so they can differ in the last bits (~1e-12 relative).",
-    "rayline also probes every file's schema up front; the baselines just read the files.",
-    "the baselines do not handle CSV rows with a wrong number of fields (rayline quarantines "
-    "them); the generated data has none.",
-]
+COMMAND = ["python", "-m", "benchmarks.preprocess"]
+SPLIT_TOLERANCE = 5  # rows; polars hashes the transaction id its own way
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -102,15 +93,8 @@ def run_rayline(config: Config, out: Path) -> tuple[dict[str, float], dict]:
         built = build_features(config, str(out / label))
         seconds[f"rayline_{label}"] = time.perf_counter() - started
     ray.shutdown()
-    reports = {
-        name: {
-            "rows_in": r.rows_in,
-            "rows_out": r.rows_out,
-            "rows_quarantined": r.rows_quarantined,
-            "reasons": r.reasons,
-        }
-        for name, r in ingested.sources.items()
-    }
+    fields = ("rows_in", "rows_out", "rows_quarantined", "reasons")
+    reports = {name: {f: getattr(r, f) for f in fields} for name, r in ingested.sources.items()}
     return seconds, baselines.summary(reports, built.rows, built.positives)
 
 
@@ -134,22 +118,15 @@ def compare(counts: dict[str, dict]) -> list[str]:
 
 def machine() -> dict:
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return {
-        "cpu_count": os.cpu_count(),
-        "memory_gib": round(memory, 1),
-        "platform": platform.platform(),
-        "processor": platform.processor(),
-        "python": platform.python_version(),
-        "ray": ray.__version__,
-        "polars": pl.__version__,
-        "pandas": pd.__version__,
-        "pyarrow": pa.__version__,
-        "numpy": np.__version__,
-    }
+    info = {"cpu_count": os.cpu_count(), "memory_gib": round(memory, 1)}
+    info["load_average_at_start"] = [round(load, 2) for load in os.getloadavg()]
+    info |= {"platform": platform.platform(), "python": platform.python_version()}
+    return info | {module.__name__: module.__version__ for module in (ray, pl, pd, pa, np)}
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    host = machine()  # before the runs, so the load average says how busy the machine was
     warnings.filterwarnings("ignore", message=".*is not set: hashing PII.*")
     data = ensure_data(args.data, args.rows)
     config = make_config(data, args.out / "rayline")
@@ -164,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
             seconds |= timings
         else:
             started = time.perf_counter()
-            counts[name] = getattr(baselines, f"run_{name}")(config, key, out)
+            counts[name] = baselines.run(name, config, key, out)
             seconds[name] = time.perf_counter() - started
         print(f"{name}: done ({', '.join(f'{k} {v:.2f} s' for k, v in seconds.items())})")
 
@@ -192,13 +169,11 @@ def main(argv: list[str] | None = None) -> dict:
         "counts": counts,
         "counts_agree": not problems,
         "disagreements": problems,
-        "notes": NOTES,
-        "machine": machine(),
+        "notes": baselines.NOTES,
+        "machine": host,
         "data": str(data),
         "out": str(args.out),
-        "command": shlex.join(
-            ["python", "-m", "benchmarks.preprocess", *(sys.argv[1:] if argv is None else argv)]
-        ),
+        "command": shlex.join([*COMMAND, *(sys.argv[1:] if argv is None else argv)]),
         "date": now.isoformat(timespec="seconds"),
     }
     report(result)
@@ -230,7 +205,8 @@ def report(result: dict) -> None:
         )
     console.print(table)
     for name, ratio in result["rayline_throughput_ratio"].items():
-        console.print(f"rayline throughput ratio {name.replace('_vs_', ' vs ')}: {ratio:.2f}")
+        label = name.replace("_vs_", " vs ").replace("_", " ")
+        console.print(f"throughput ratio {label}: {ratio:.3f}")
     if result["disagreements"]:
         console.print("[bold red]WARNING: the implementations disagree on row counts:[/]")
         for problem in result["disagreements"]:

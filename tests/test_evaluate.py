@@ -1,0 +1,103 @@
+"""Evaluation: threshold rules, the report, and the promotion gate on the same test rows."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn import metrics as skm
+
+from jobs import registry
+from jobs.config import ThresholdConfig
+from jobs.evaluate import choose_threshold, classification_metrics
+from jobs.pipeline import finish_run
+from jobs.storage import Storage, join
+from tests.conftest import make_config
+
+
+@pytest.fixture(scope="module")
+def scored():
+    rng = np.random.default_rng(0)
+    labels = (rng.random(5000) < 0.05).astype(int)
+    scores = np.clip(rng.normal(0.3 + 0.35 * labels, 0.15), 0, 1)
+    return labels, scores
+
+
+def test_max_f1_threshold_reaches_the_best_f1(scored):
+    labels, scores = scored
+    threshold = choose_threshold(labels, scores, ThresholdConfig(rule="max_f1"))
+    best = max(skm.f1_score(labels, scores >= t) for t in np.unique(scores)[::25])
+    assert skm.f1_score(labels, scores >= threshold) >= best - 1e-9
+
+
+def test_target_recall_threshold_is_the_highest_that_reaches_it(scored):
+    labels, scores = scored
+    threshold = choose_threshold(labels, scores, ThresholdConfig(rule="target_recall",
+                                                                target_recall=0.9))
+    assert skm.recall_score(labels, scores >= threshold) >= 0.9
+    higher = np.unique(scores[scores > threshold])[:1]
+    assert not len(higher) or skm.recall_score(labels, scores >= higher[0]) < 0.9
+
+
+def test_min_cost_threshold_beats_other_thresholds_on_cost(scored):
+    labels, scores = scored
+    rule = ThresholdConfig(rule="min_cost", cost_false_positive=1, cost_false_negative=50)
+
+    def cost(threshold: float) -> float:
+        m = classification_metrics(labels, scores, threshold)["confusion"]
+        return m["fp"] * 1 + m["fn"] * 50
+
+    chosen = choose_threshold(labels, scores, rule)
+    for other in (0.3, 0.5, 0.7, choose_threshold(labels, scores, ThresholdConfig())):
+        assert cost(chosen) <= cost(other)
+
+
+def test_report_and_metrics_written_next_to_the_run(pipeline_run):
+    config, result = pipeline_run
+    metrics = json.loads((Path(result.run_uri) / "evaluate" / "metrics.json").read_text())
+    for key in ("roc_auc", "pr_auc", "log_loss", "brier", "precision", "recall", "f1",
+                "confusion", "calibration", "importance", "threshold"):
+        assert key in metrics
+    assert set(metrics["slices"]) == set(config.evaluate.slices)
+    assert sum(v["rows"] for v in metrics["slices"]["channel"].values()) == metrics["rows"]
+    assert "pos" in metrics["slices"]["channel"]
+    html = (Path(result.run_uri) / "evaluate" / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 4
+    assert "<td>merchant_category</td>" in html and "src=\"http" not in html
+
+
+def _new_run(result, tmp_path: Path, name: str) -> str:
+    destination = Path(result.run_uri).parent / name
+    shutil.copytree(Path(result.run_uri) / "features", destination / "features")
+    shutil.copytree(Path(result.run_uri) / "ingest", destination / "ingest")
+    return str(destination)
+
+
+def test_gate_keeps_production_when_the_candidate_is_worse(pipeline_run, tmp_path):
+    config, result = pipeline_run
+    storage, registry_uri = Storage(), join(config.storage, "registry")
+    before = registry.get_alias(storage, registry_uri, config.name, "production")["version"]
+    weak = make_config("d", config.storage, **{
+        "train.num_boost_round": 2, "train.params": {"max_depth": 1, "eta": 0.01}})
+    outcome = finish_run(weak, _new_run(result, tmp_path, "weak"), quiet=True)
+    assert not outcome.promoted
+    assert "does not beat" in outcome.gate["reason"]
+    assert registry.get_alias(storage, registry_uri, config.name, "production")["version"] == before
+    candidate = registry.get_alias(storage, registry_uri, config.name, "candidate")
+    assert candidate["version"] == outcome.version != before
+
+
+def test_gate_promotes_a_winner_and_rollback_restores(pipeline_run, tmp_path):
+    config, result = pipeline_run
+    storage, registry_uri = Storage(), join(config.storage, "registry")
+    before = registry.get_alias(storage, registry_uri, config.name, "production")["version"]
+    lenient = make_config("d", config.storage, **{"evaluate.promotion.min_improvement": -1.0})
+    outcome = finish_run(lenient, _new_run(result, tmp_path, "lenient"), quiet=True)
+    assert outcome.promoted and "beats" in outcome.gate["reason"]
+    assert registry.get_alias(storage, registry_uri, config.name, "production")["version"] == (
+        outcome.version)
+    registry.rollback(storage, registry_uri, config.name)
+    assert registry.get_alias(storage, registry_uri, config.name, "production")["version"] == before
