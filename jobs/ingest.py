@@ -13,7 +13,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-import pandas as pd
+import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
@@ -188,12 +188,18 @@ def validate_batch(
 @ray.remote
 def _duplicate_positions(column: str, *blocks: pa.Table) -> list[np.ndarray]:
     """Positions of rows whose key already appeared in an earlier valid row (first one wins)."""
-    keys = pa.chunked_array([b.column(column) for b in blocks]).to_pandas()
-    valid = np.concatenate(
-        [pc.is_null(b.column(validate.REASON)).to_numpy(zero_copy_only=False) for b in blocks]
-    ) if blocks else np.array([], bool)
-    duplicated = np.zeros(len(keys), bool)
-    duplicated[valid] = pd.Series(keys[valid].to_numpy()).duplicated(keep="first").to_numpy()
+    if not blocks:
+        return []
+    frame = pl.DataFrame({
+        "key": pl.from_arrow(pa.chunked_array([b.column(column) for b in blocks])),
+        "valid": pl.from_arrow(pa.chunked_array([pc.is_null(b.column(validate.REASON))
+                                                 for b in blocks])),
+    })
+    # Among valid rows, every occurrence of a key after the first is a duplicate.
+    duplicated = frame.select(
+        pl.col("valid") & pl.col("key").is_not_null()
+        & ~pl.when(pl.col("valid")).then(pl.col("key")).is_first_distinct()
+    ).to_series().to_numpy()
     offsets = np.cumsum([0] + [b.num_rows for b in blocks])
     return [np.flatnonzero(duplicated[offsets[i] : offsets[i + 1]]) for i in range(len(blocks))]
 
