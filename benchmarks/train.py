@@ -35,10 +35,17 @@ ROOT = Path(__file__).resolve().parents[1]
 def prepared_run(rows: int, base: Path, config_overrides: dict):
     """Generates data and runs ingest + features once per size; later runs reuse them."""
     data, storage = base / f"data-{rows}", base / f"artifacts-{rows}"
-    config = load_config(ROOT / "configs" / "fraud.yaml", {
-        "storage": str(storage), **{f"sources.{s}.uri": str(data / s)
-                                    for s in ("transactions", "customers", "merchants")},
-        **config_overrides})
+    config = load_config(
+        ROOT / "configs" / "fraud.yaml",
+        {
+            "storage": str(storage),
+            **{
+                f"sources.{s}.uri": str(data / s)
+                for s in ("transactions", "customers", "merchants")
+            },
+            **config_overrides,
+        },
+    )
     run_uri = str(storage / "runs" / "bench")
     if not (storage / "runs" / "bench" / "features" / "_report.json").exists():
         if not (data / "transactions").exists():
@@ -62,27 +69,43 @@ def plain_xgboost(config, run_uri: str) -> dict:
     params = xgb_params(config.train, config.seed, os.cpu_count(), imbalance)
     dtrain = xgb.QuantileDMatrix(x_train, y_train)
     dvalid = xgb.QuantileDMatrix(x_valid, y_valid, ref=dtrain)
-    booster = xgb.train(params, dtrain, num_boost_round=config.train.num_boost_round,
-                        evals=[(dvalid, "valid")],
-                        early_stopping_rounds=config.train.early_stopping_rounds,
-                        verbose_eval=False)
+    booster = xgb.train(
+        params,
+        dtrain,
+        num_boost_round=config.train.num_boost_round,
+        evals=[(dvalid, "valid")],
+        early_stopping_rounds=config.train.early_stopping_rounds,
+        verbose_eval=False,
+    )
     booster.save_model(str(Path(run_uri) / "plain-model.ubj"))
-    return {"seconds": time.perf_counter() - started, "rounds": booster.num_boosted_rounds(),
-            "valid_aucpr": float(booster.best_score)}
+    return {
+        "seconds": time.perf_counter() - started,
+        "rounds": booster.num_boosted_rounds(),
+        "valid_aucpr": float(booster.best_score),
+    }
 
 
 def rayline_train(config, run_uri: str) -> dict:
     started = time.perf_counter()
     result = train_model(config, run_uri)
-    return {"seconds": time.perf_counter() - started, "rounds": result.rounds,
-            "valid_aucpr": result.valid_aucpr, "plan": result.plan, "reason": result.plan_reason}
+    return {
+        "seconds": time.perf_counter() - started,
+        "rounds": result.rounds,
+        "valid_aucpr": result.valid_aucpr,
+        "plan": result.plan,
+        "reason": result.plan_reason,
+    }
 
 
 def main(
     rows: Annotated[int, typer.Option(help="Large size (transactions)")] = 2_000_000,
     small_rows: Annotated[int, typer.Option(help="Small size (transactions)")] = 20_000,
-    plan: Annotated[str, typer.Option(help="rayline train.plan: auto, single, distributed")] = "auto",
-    rounds: Annotated[int, typer.Option(help="Boosting rounds (early stopping may end sooner)")] = 300,
+    plan: Annotated[
+        str, typer.Option(help="rayline train.plan: auto, single, distributed")
+    ] = "auto",
+    rounds: Annotated[
+        int, typer.Option(help="Boosting rounds (early stopping may end sooner)")
+    ] = 300,
     base: Annotated[str, typer.Option(help="Scratch folder")] = "/tmp/rayline-bench/train",
 ) -> None:
     """Benchmark rayline train against plain xgboost at two data sizes."""
@@ -91,13 +114,26 @@ def main(
     from jobs.summary import console
 
     overrides = {"train.plan": plan, "train.num_boost_round": rounds}
-    results = {"command": " ".join(sys.argv), "date": date.today().isoformat(),
-               "cpus": os.cpu_count(), "python": platform.python_version(),
-               "xgboost": xgb.__version__, "sizes": {}}
+    results = {
+        "command": " ".join(sys.argv),
+        "date": date.today().isoformat(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "xgboost": xgb.__version__,
+        "sizes": {},
+    }
     results["ray_start_seconds"] = round(init_ray(None), 2)
     table = Table(title="train: rayline vs plain xgboost (Ray start excluded)")
-    for column in ("rows", "train rows", "plain s", "rayline s", "ratio", "extra s", "plan",
-                   "valid PR-AUC plain / rayline"):
+    for column in (
+        "rows",
+        "train rows",
+        "plain s",
+        "rayline s",
+        "ratio",
+        "extra s",
+        "plan",
+        "valid PR-AUC plain / rayline",
+    ):
         table.add_column(column)
     for size in (small_rows, rows):
         config, run_uri = prepared_run(size, Path(base), overrides)
@@ -106,11 +142,23 @@ def main(
         ours = rayline_train(config, run_uri)
         train_rows = Storage().read_json(join(run_uri, "features", "_report.json"))["rows"]["train"]
         ratio, extra = ours["seconds"] / plain["seconds"], ours["seconds"] - plain["seconds"]
-        results["sizes"][size] = {"train_rows": train_rows, "plain": plain, "rayline": ours,
-                                  "ratio": round(ratio, 3), "extra_seconds": round(extra, 3)}
-        table.add_row(f"{size:,}", f"{train_rows:,}", f"{plain['seconds']:.2f}",
-                      f"{ours['seconds']:.2f}", f"{ratio:.2f}x", f"{extra:+.2f}", ours["plan"],
-                      f"{plain['valid_aucpr']:.4f} / {ours['valid_aucpr']:.4f}")
+        results["sizes"][size] = {
+            "train_rows": train_rows,
+            "plain": plain,
+            "rayline": ours,
+            "ratio": round(ratio, 3),
+            "extra_seconds": round(extra, 3),
+        }
+        table.add_row(
+            f"{size:,}",
+            f"{train_rows:,}",
+            f"{plain['seconds']:.2f}",
+            f"{ours['seconds']:.2f}",
+            f"{ratio:.2f}x",
+            f"{extra:+.2f}",
+            ours["plan"],
+            f"{plain['valid_aucpr']:.4f} / {ours['valid_aucpr']:.4f}",
+        )
     console.print(table)
     console.print(f"Ray start (excluded above): {results['ray_start_seconds']} s")
     out = ROOT / "benchmarks" / "results" / f"train-{date.today():%Y%m%d}.json"

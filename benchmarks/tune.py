@@ -36,25 +36,31 @@ def plain_optuna(config, run_uri: str, trials: int) -> dict:
     x_train, y_train = read_split(storage, run_uri, "train", label, names)
     x_valid, y_valid = read_split(storage, run_uri, "valid", label, names)
     imbalance = imbalance_plan(report["positives"]["train"], report["rows"]["train"], config.train)
-    base = {**xgb_params(config.train, config.seed, os.cpu_count(), imbalance),
-            "eval_metric": ["aucpr"]}
+    base = {
+        **xgb_params(config.train, config.seed, os.cpu_count(), imbalance),
+        "eval_metric": ["aucpr"],
+    }
     dtrain = xgb.QuantileDMatrix(x_train, y_train)
     dvalid = xgb.QuantileDMatrix(x_valid, y_valid, ref=dtrain)
 
     def objective(trial: optuna.Trial) -> float:
         params = {}
         for name, spec_ in config.tune.space.items():
-            (kind, args), = spec_.items()
+            ((kind, args),) = spec_.items()
             if kind == "choice":
                 params[name] = trial.suggest_categorical(name, args)
             elif kind == "randint":
                 params[name] = trial.suggest_int(name, int(args[0]), int(args[1]))
             else:
                 params[name] = trial.suggest_float(name, args[0], args[1], log=kind == "loguniform")
-        booster = xgb.train({**base, **params}, dtrain, num_boost_round=config.tune.num_boost_round,
-                            evals=[(dvalid, "valid")],
-                            early_stopping_rounds=config.train.early_stopping_rounds,
-                            verbose_eval=False)
+        booster = xgb.train(
+            {**base, **params},
+            dtrain,
+            num_boost_round=config.tune.num_boost_round,
+            evals=[(dvalid, "valid")],
+            early_stopping_rounds=config.train.early_stopping_rounds,
+            verbose_eval=False,
+        )
         return float(booster.best_score)
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -75,30 +81,47 @@ def main(
     from jobs.summary import console
 
     ray_start = init_ray(None)
-    overrides = {"tune.num_samples": trials, "tune.num_boost_round": rounds,
-                 "tune.max_concurrent": 2, "tune.cpus_per_trial": 1}
+    overrides = {
+        "tune.num_samples": trials,
+        "tune.num_boost_round": rounds,
+        "tune.max_concurrent": 2,
+        "tune.cpus_per_trial": 1,
+    }
     variants = {
         "ray tune random, no ASHA": {"tune.asha": False, "tune.search": "random"},
         "ray tune random + ASHA": {"tune.asha": True, "tune.search": "random"},
         "ray tune optuna + ASHA": {"tune.asha": True, "tune.search": "optuna"},
     }
-    results = {"command": " ".join(sys.argv), "date": date.today().isoformat(),
-               "cpus": os.cpu_count(), "ray_start_seconds": round(ray_start, 2), "runs": {}}
+    results = {
+        "command": " ".join(sys.argv),
+        "date": date.today().isoformat(),
+        "cpus": os.cpu_count(),
+        "ray_start_seconds": round(ray_start, 2),
+        "runs": {},
+    }
     config, run_uri = prepared_run(rows, Path(base), overrides)
     plain = plain_optuna(config, run_uri, trials)
     results["runs"]["plain optuna, sequential"] = plain
     for name, extra in variants.items():
         variant, _ = prepared_run(rows, Path(base), {**overrides, **extra})
         result = tune_model(variant, run_uri, restore=False)
-        results["runs"][name] = {"seconds": result.seconds, "best": result.best_score,
-                                 "trials": result.trials,
-                                 "stopped_early": result.trials_stopped_early}
+        results["runs"][name] = {
+            "seconds": result.seconds,
+            "best": result.best_score,
+            "trials": result.trials,
+            "stopped_early": result.trials_stopped_early,
+        }
     table = Table(title=f"tune: {trials} trials, {rows:,} transactions (Ray start excluded)")
     for column in ("search", "wall s", "vs optuna", "best valid PR-AUC", "stopped early"):
         table.add_column(column)
     for name, run in results["runs"].items():
-        table.add_row(name, f"{run['seconds']:.1f}", f"{run['seconds'] / plain['seconds']:.2f}x",
-                      f"{run['best']:.4f}", str(run.get("stopped_early", "-")))
+        table.add_row(
+            name,
+            f"{run['seconds']:.1f}",
+            f"{run['seconds'] / plain['seconds']:.2f}x",
+            f"{run['best']:.4f}",
+            str(run.get("stopped_early", "-")),
+        )
     console.print(table)
     out = ROOT / "benchmarks" / "results" / f"tune-{date.today():%Y%m%d}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

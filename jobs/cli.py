@@ -24,17 +24,21 @@ app.command("pipeline")(pipeline.main)
 
 @data_app.command("generate")
 def generate_command(
-    out: Annotated[str, typer.Option(help="Folder or s3:// URI to write the three sources under")] = "data/fraud",
+    out: Annotated[
+        str, typer.Option(help="Folder or s3:// URI to write the three sources under")
+    ] = "data/fraud",
     rows: Annotated[int, typer.Option(help="Number of transactions")] = 100_000,
     days: Annotated[int, typer.Option(help="Days of transactions (one parquet file each)")] = 30,
     seed: Annotated[int, typer.Option(help="Random seed")] = 7,
 ) -> None:
-    """Generate the card-fraud sample data (transactions parquet, customers CSV, merchants JSONL)."""
+    """Generate the sample data: transactions parquet, customers CSV, merchants JSONL."""
     from jobs.data import generate
 
     made = generate(out, rows=rows, days=days, seed=seed)
-    typer.echo(f"wrote {made.transactions:,} transactions ({made.fraud_rate:.2%} fraud), "
-               f"{made.customers:,} customers, {made.merchants:,} merchants to {out}")
+    typer.echo(
+        f"wrote {made.transactions:,} transactions ({made.fraud_rate:.2%} fraud), "
+        f"{made.customers:,} customers, {made.merchants:,} merchants to {out}"
+    )
 
 
 if __name__ == "__main__":

@@ -241,7 +241,9 @@ class Config(Strict):
     @model_validator(mode="after")
     def _references_exist(self) -> Config:
         if self.fact not in self.sources:
-            raise ValueError(f"fact source {self.fact!r} is not among sources {sorted(self.sources)}")
+            raise ValueError(
+                f"fact source {self.fact!r} is not among sources {sorted(self.sources)}"
+            )
         for join in self.joins:
             if join.source not in self.sources:
                 raise ValueError(f"joins: unknown source {join.source!r}")

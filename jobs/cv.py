@@ -37,29 +37,52 @@ class CVResult:
 
 
 @ray.remote
-def _fold(x: np.ndarray, y: np.ndarray, train_index: np.ndarray, test_index: np.ndarray,
-          config: Config, params: dict, imbalance: dict, fold: int) -> dict:
+def _fold(
+    x: np.ndarray,
+    y: np.ndarray,
+    train_index: np.ndarray,
+    test_index: np.ndarray,
+    config: Config,
+    params: dict,
+    imbalance: dict,
+    fold: int,
+) -> dict:
     inner_train, inner_valid = train_test_split(
-        train_index, test_size=0.15, stratify=y[train_index], random_state=config.seed + fold)
-    x_fit, y_fit, weights = apply_imbalance(x[inner_train], y[inner_train], imbalance,
-                                            config.seed + fold)
+        train_index, test_size=0.15, stratify=y[train_index], random_state=config.seed + fold
+    )
+    x_fit, y_fit, weights = apply_imbalance(
+        x[inner_train], y[inner_train], imbalance, config.seed + fold
+    )
     dtrain = xgb.QuantileDMatrix(x_fit, y_fit, weight=weights)
     dvalid = xgb.QuantileDMatrix(x[inner_valid], y[inner_valid], ref=dtrain)
-    booster = xgb.train(params, dtrain, num_boost_round=config.train.num_boost_round,
-                        evals=[(dvalid, "valid")],
-                        early_stopping_rounds=config.train.early_stopping_rounds,
-                        verbose_eval=False)
+    booster = xgb.train(
+        params,
+        dtrain,
+        num_boost_round=config.train.num_boost_round,
+        evals=[(dvalid, "valid")],
+        early_stopping_rounds=config.train.early_stopping_rounds,
+        verbose_eval=False,
+    )
     rounds = (0, booster.best_iteration + 1)
     valid_scores = booster.inplace_predict(x[inner_valid], iteration_range=rounds)
     threshold = choose_threshold(y[inner_valid], valid_scores, config.evaluate.threshold)
     scores = booster.inplace_predict(x[test_index], iteration_range=rounds)
     metrics = classification_metrics(y[test_index].astype(int), scores, threshold)
-    return {"fold": fold, "best_iteration": booster.best_iteration, "threshold": threshold,
-            **{k: metrics[k] for k in METRICS}}
+    return {
+        "fold": fold,
+        "best_iteration": booster.best_iteration,
+        "threshold": threshold,
+        **{k: metrics[k] for k in METRICS},
+    }
 
 
-def cross_validate(config: Config, run_uri: str, folds: int = 5, storage: Storage | None = None,
-                   cpus_per_fold: int = 1) -> CVResult:
+def cross_validate(
+    config: Config,
+    run_uri: str,
+    folds: int = 5,
+    storage: Storage | None = None,
+    cpus_per_fold: int = 1,
+) -> CVResult:
     """Runs stratified k-fold CV on the run's train + valid splits."""
     storage = storage or Storage(config.s3)
     init_ray(config)
@@ -74,13 +97,15 @@ def cross_validate(config: Config, run_uri: str, folds: int = 5, storage: Storag
     x_ref, y_ref = ray.put(x), ray.put(y)
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=config.seed)
     tasks = [
-        _fold.options(num_cpus=cpus_per_fold).remote(x_ref, y_ref, train_index, test_index,
-                                                      config, params, imbalance, fold)
+        _fold.options(num_cpus=cpus_per_fold).remote(
+            x_ref, y_ref, train_index, test_index, config, params, imbalance, fold
+        )
         for fold, (train_index, test_index) in enumerate(splitter.split(x, y))
     ]
     per_fold = sorted(ray.get(tasks), key=lambda row: row["fold"])
     result = CVResult(
-        folds=folds, per_fold=per_fold,
+        folds=folds,
+        per_fold=per_fold,
         mean={k: float(np.mean([f[k] for f in per_fold])) for k in METRICS},
         std={k: float(np.std([f[k] for f in per_fold], ddof=1)) for k in METRICS},
         seconds=round(time.perf_counter() - started, 3),
@@ -99,9 +124,11 @@ def main(
     from jobs.summary import print_rows
 
     result = cross_validate(load_config(config), run, folds)
-    print_rows(f"cross-validation ({folds} folds, {result.seconds:.1f} s)",
-               {k: f"{result.mean[k]:.4f} ± {result.std[k]:.4f}" for k in METRICS}
-               | {"results": result.results_uri})
+    print_rows(
+        f"cross-validation ({folds} folds, {result.seconds:.1f} s)",
+        {k: f"{result.mean[k]:.4f} ± {result.std[k]:.4f}" for k in METRICS}
+        | {"results": result.results_uri},
+    )
 
 
 if __name__ == "__main__":

@@ -116,7 +116,9 @@ def generate(
     amount_usd = customers["spend_scale"][cust_index] * rng.lognormal(0, 0.6, rows)
 
     prior_mean, gap = _history(cust_index, seconds, amount_usd)
-    ratio = np.where(np.isnan(prior_mean), 1.0, amount_usd / np.where(np.isnan(prior_mean), 1, prior_mean))
+    ratio = np.where(
+        np.isnan(prior_mean), 1.0, amount_usd / np.where(np.isnan(prior_mean), 1, prior_mean)
+    )
     event_hour = (seconds % 86400) // 3600
     category = merchant_category[merch_index]
     age = 2026 - customers["birth_year"][cust_index].astype(np.int64)
@@ -153,6 +155,7 @@ def generate(
 
     # Dirty rows, about `dirty_fraction` of the transactions in all.
     share = dirty_fraction / 7
+
     def pick() -> np.ndarray:
         return rng.random(rows) < share
 
@@ -206,8 +209,11 @@ def generate(
     broken["birth_year"] = ["unknown"] * extra
     dup_customers = rng.choice(n_customers, size=max(1, n_customers // 500), replace=False)
     customer_table = pa.concat_tables(
-        [customer_table, pa.table(broken, schema=customer_table.schema),
-         customer_table.take(dup_customers)]
+        [
+            customer_table,
+            pa.table(broken, schema=customer_table.schema),
+            customer_table.take(dup_customers),
+        ]
     )
     buffer = io.BytesIO()
     pacsv.write_csv(customer_table, buffer)
@@ -215,14 +221,21 @@ def generate(
 
     # Merchants (JSONL): extra records with a wrong type, a missing field, a line that is not JSON.
     lines = [
-        json.dumps({"id": merchant_id, "category": str(merchant_category[index]),
-                    "country": str(merchant_country[index])})
+        json.dumps(
+            {
+                "id": merchant_id,
+                "category": str(merchant_category[index]),
+                "country": str(merchant_country[index]),
+            }
+        )
         for index, merchant_id in enumerate(merchant_ids)
     ]
     lines += [json.dumps({"id": f"X{i:05d}", "category": 42, "country": "US"}) for i in range(3)]
     lines += [json.dumps({"id": f"Y{i:05d}", "country": "US"}) for i in range(3)]
     lines.insert(len(lines) // 2, '{"id": "M99999", "category": ')
-    storage.write_bytes(join(uri, "merchants", "merchants.jsonl"), ("\n".join(lines) + "\n").encode())
+    storage.write_bytes(
+        join(uri, "merchants", "merchants.jsonl"), ("\n".join(lines) + "\n").encode()
+    )
 
     return GeneratedData(
         transactions=table.num_rows,

@@ -44,7 +44,10 @@ def choose_threshold(labels: np.ndarray, scores: np.ndarray, rule: ThresholdConf
         reaching = np.flatnonzero(tpr >= rule.target_recall)
         return float(thresholds[reaching[0]]) if len(reaching) else float(thresholds[-1])
     positives, negatives = labels.sum(), len(labels) - labels.sum()
-    cost = fpr * negatives * rule.cost_false_positive + (1 - tpr) * positives * rule.cost_false_negative
+    cost = (
+        fpr * negatives * rule.cost_false_positive
+        + (1 - tpr) * positives * rule.cost_false_negative
+    )
     return float(thresholds[int(np.argmin(cost))])
 
 
@@ -69,8 +72,9 @@ def classification_metrics(labels: np.ndarray, scores: np.ndarray, threshold: fl
     }
 
 
-def slice_metrics(table: pa.Table, labels, scores, threshold: float, spec: FeatureSpec,
-                  columns: list[str]) -> dict:
+def slice_metrics(
+    table: pa.Table, labels, scores, threshold: float, spec: FeatureSpec, columns: list[str]
+) -> dict:
     """Metrics per value of each slice column (categories decoded back to their names)."""
     result: dict[str, dict] = {}
     for column in columns:
@@ -86,8 +90,9 @@ def slice_metrics(table: pa.Table, labels, scores, threshold: float, spec: Featu
     return result
 
 
-def predict_split(storage: Storage, run_uri: str, split: str, booster: xgb.Booster,
-                  spec: FeatureSpec) -> tuple[pa.Table, np.ndarray, np.ndarray]:
+def predict_split(
+    storage: Storage, run_uri: str, split: str, booster: xgb.Booster, spec: FeatureSpec
+) -> tuple[pa.Table, np.ndarray, np.ndarray]:
     table = storage.read_table_dir(join(run_uri, "features", split))
     features, labels = to_matrix(table, spec.features.label, spec.feature_names)
     scores = booster.inplace_predict(features)
@@ -99,7 +104,9 @@ def evaluate(config: Config, run_uri: str, storage: Storage | None = None) -> Ev
     from jobs.report import write_html_report
 
     storage = storage or Storage(config.s3)
-    spec = FeatureSpec.model_validate(storage.read_json(join(run_uri, "features", "feature_spec.json")))
+    spec = FeatureSpec.model_validate(
+        storage.read_json(join(run_uri, "features", "feature_spec.json"))
+    )
     booster = load_booster(storage, join(run_uri, "train", "model.ubj"))
     _, valid_labels, valid_scores = predict_split(storage, run_uri, "valid", booster, spec)
     threshold = choose_threshold(valid_labels, valid_scores, config.evaluate.threshold)
@@ -116,8 +123,13 @@ def evaluate(config: Config, run_uri: str, storage: Storage | None = None) -> Ev
         importance=dict(sorted(importance.items(), key=lambda item: -item[1])),
     )
     out = join(run_uri, "evaluate")
-    result = EvaluationResult(metrics, threshold, config.evaluate.threshold.rule,
-                              join(out, "metrics.json"), join(out, "report.html"))
+    result = EvaluationResult(
+        metrics,
+        threshold,
+        config.evaluate.threshold.rule,
+        join(out, "metrics.json"),
+        join(out, "report.html"),
+    )
     storage.write_json(result.metrics_uri, metrics)
     storage.write_bytes(result.report_uri, write_html_report(metrics, labels, scores).encode())
     return result
@@ -132,8 +144,14 @@ def main(
 
     result = evaluate(load_config(config), run)
     keys = ("roc_auc", "pr_auc", "precision", "recall", "f1", "brier", "log_loss")
-    print_rows("evaluate", {**{k: f"{result.metrics[k]:.4f}" for k in keys},
-                            "threshold": f"{result.threshold:.4f}", "report": result.report_uri})
+    print_rows(
+        "evaluate",
+        {
+            **{k: f"{result.metrics[k]:.4f}" for k in keys},
+            "threshold": f"{result.threshold:.4f}",
+            "report": result.report_uri,
+        },
+    )
 
 
 if __name__ == "__main__":
@@ -155,17 +173,26 @@ def promotion_gate(config: Config, run_uri: str, candidate: dict, storage: Stora
     needed = [*spec.features.numeric, *spec.features.time_features, *spec.features.categorical]
     missing = sorted(set(needed) - set(test_raw.column_names))
     if missing:
-        return {"promote": False, "production_version": production.version,
-                "reason": f"production v{production.version} needs columns {missing} that this "
-                          "run does not produce; compare by hand and use `rayline models promote`"}
-    scores = production.booster.inplace_predict(feature_matrix(transform(test_raw, spec),
-                                                               spec.feature_names))
+        return {
+            "promote": False,
+            "production_version": production.version,
+            "reason": f"production v{production.version} needs columns {missing} that this "
+            "run does not produce; compare by hand and use `rayline models promote`",
+        }
+    scores = production.booster.inplace_predict(
+        feature_matrix(transform(test_raw, spec), spec.feature_names)
+    )
     labels = test_raw.column(config.features.label).to_numpy(zero_copy_only=False).astype(int)
     current = classification_metrics(labels, scores, production.threshold)
     new, old = candidate[rule.metric], current[rule.metric]
     promote = new is not None and (old is None or new >= old + rule.min_improvement)
     verdict = "beats" if promote else "does not beat"
-    return {"promote": promote, "production_version": production.version,
-            "candidate": new, "production": old, "metric": rule.metric,
-            "reason": f"candidate {rule.metric} {new:.4f} {verdict} production "
-                      f"v{production.version} {old:.4f} + margin {rule.min_improvement}"}
+    return {
+        "promote": promote,
+        "production_version": production.version,
+        "candidate": new,
+        "production": old,
+        "metric": rule.metric,
+        "reason": f"candidate {rule.metric} {new:.4f} {verdict} production "
+        f"v{production.version} {old:.4f} + margin {rule.min_improvement}",
+    }

@@ -86,13 +86,17 @@ def history_point_in_time(table: pa.Table, features: FeaturesConfig, tiebreak: s
 def history_state(table: pa.Table, features: FeaturesConfig) -> pa.Table:
     """Per-entity state after all events in `table`: what the online path joins on."""
     history = features.history
-    grouped = pa.table(
-        {
-            history.entity: table.column(history.entity),
-            "amount": pc.cast(table.column(history.amount), pa.float64()),
-            "ts": pc.cast(table.column(features.timestamp), pa.timestamp("s")),
-        }
-    ).group_by(history.entity).aggregate([("amount", "count"), ("amount", "sum"), ("ts", "max")])
+    grouped = (
+        pa.table(
+            {
+                history.entity: table.column(history.entity),
+                "amount": pc.cast(table.column(history.amount), pa.float64()),
+                "ts": pc.cast(table.column(features.timestamp), pa.timestamp("s")),
+            }
+        )
+        .group_by(history.entity)
+        .aggregate([("amount", "count"), ("amount", "sum"), ("ts", "max")])
+    )
     names = {"amount_count": STATE[0], "amount_sum": STATE[1], "ts_max": STATE[2]}
     return grouped.rename_columns([names.get(c, c) for c in grouped.column_names]).select(
         [history.entity, *STATE]
@@ -124,7 +128,9 @@ def derive(table: pa.Table, features: FeaturesConfig) -> pa.Table:
     for name, spec in features.derived.items():
         first = table.column(spec.columns[0])
         if spec.kind == "years_since_year":
-            value = pc.subtract(pc.cast(pc.year(timestamp), pa.float64()), pc.cast(first, pa.float64()))
+            value = pc.subtract(
+                pc.cast(pc.year(timestamp), pa.float64()), pc.cast(first, pa.float64())
+            )
         elif spec.kind == "days_since":
             start = pc.cast(pc.cast(first, pa.timestamp("s")), pa.int64())
             value = pc.divide(pc.subtract(pc.cast(timestamp, pa.int64()), start), 86400.0)
@@ -149,7 +155,7 @@ def feature_matrix(table: pa.Table, names: list[str]) -> np.ndarray:
 
 
 def transform(table: pa.Table, spec: FeatureSpec) -> pa.Table:
-    """Imputes, log-transforms and encodes into float32 model inputs (label/split kept if present)."""
+    """Imputes, log-transforms and encodes into float32 model inputs (keeps label/split)."""
     features = spec.features
     columns = {}
     for name in [*features.numeric, *features.time_features]:
@@ -169,7 +175,9 @@ def transform(table: pa.Table, spec: FeatureSpec) -> pa.Table:
     return result
 
 
-def fit(sample: pa.Table, category_counts: dict[str, dict[str, int]], config: Config) -> FeatureSpec:
+def fit(
+    sample: pa.Table, category_counts: dict[str, dict[str, int]], config: Config
+) -> FeatureSpec:
     """Fits imputation values and category vocabularies; call it with train rows only."""
     features = config.features
     medians = {}
@@ -178,8 +186,11 @@ def fit(sample: pa.Table, category_counts: dict[str, dict[str, int]], config: Co
         finite = values[np.isfinite(values)]
         medians[name] = float(np.median(finite)) if len(finite) else 0.0
     categories = {
-        name: sorted(k for k, count in category_counts.get(name, {}).items()
-                     if k is not None and count >= features.min_category_count)
+        name: sorted(
+            k
+            for k, count in category_counts.get(name, {}).items()
+            if k is not None and count >= features.min_category_count
+        )
         for name in features.categorical
     }
     return FeatureSpec(
@@ -200,7 +211,9 @@ def uniform_from_keys(keys: pa.ChunkedArray | pa.Array, seed: int) -> np.ndarray
     return (hashed >> np.uint64(11)).astype(np.float64) / float(2**53)
 
 
-def assign_split(table: pa.Table, label: str, thresholds: dict[int, tuple[float, float]]) -> pa.Table:
+def assign_split(
+    table: pa.Table, label: str, thresholds: dict[int, tuple[float, float]]
+) -> pa.Table:
     """train / valid / test by per-class quantiles of the seeded uniform: exact stratification."""
     labels = table.column(label).to_numpy(zero_copy_only=False)
     uniform = table.column(UNIFORM).to_numpy(zero_copy_only=False)
@@ -216,8 +229,11 @@ def online_source(source: SourceConfig, label: str, raw_names: bool = False) -> 
         update={
             "rename": source.rename if raw_names else {},
             "types": {k: v for k, v in source.types.items() if k != label},
-            "rules": [r for r in source.rules if r.check not in ("unique", "references")
-                      and r.column != label],
+            "rules": [
+                r
+                for r in source.rules
+                if r.check not in ("unique", "references") and r.column != label
+            ],
         }
     )
 
@@ -253,8 +269,9 @@ def _history_block(block: pa.Table, config: Config) -> pa.Table:
     if config.features.history:
         block = history_point_in_time(block, config.features, fact.primary_key)
     block = derive(block, config.features)
-    return block.append_column(UNIFORM, pa.array(uniform_from_keys(block.column(fact.primary_key),
-                                                                   config.seed)))
+    return block.append_column(
+        UNIFORM, pa.array(uniform_from_keys(block.column(fact.primary_key), config.seed))
+    )
 
 
 @ray.remote
@@ -283,10 +300,10 @@ def _by_entity(blocks: list, config: Config, rows: int) -> list:
         return [_gather.remote(config, block) for block in blocks]
     partitions = max(2, min(64, rows // 250_000 + 1))
     entity = config.features.history.entity
-    scattered = [_scatter.options(num_returns=partitions).remote(b, entity, partitions)
-                 for b in blocks]
-    return [_gather.remote(config, *[pieces[p] for pieces in scattered])
-            for p in range(partitions)]
+    scattered = [
+        _scatter.options(num_returns=partitions).remote(b, entity, partitions) for b in blocks
+    ]
+    return [_gather.remote(config, *[pieces[p] for pieces in scattered]) for p in range(partitions)]
 
 
 @ray.remote
@@ -300,7 +317,8 @@ def _thresholds(label: str, split: dict[str, float], *blocks: pa.Table) -> dict[
             result[value] = (split["train"], split["train"] + split["valid"])
             continue
         result[value] = tuple(
-            float(np.quantile(of_class, q)) for q in (split["train"], split["train"] + split["valid"])
+            float(np.quantile(of_class, q))
+            for q in (split["train"], split["train"] + split["valid"])
         )
     return result
 
@@ -313,7 +331,9 @@ def _split_block(block: pa.Table, config: Config, thresholds: dict, sample_fract
     state = history_state(block, features) if features.history else pa.table({})
     train = block.filter(pc.equal(block.column(SPLIT), "train"))
     counts = {
-        name: {row["values"]: row["counts"] for row in pc.value_counts(train.column(name)).to_pylist()}
+        name: {
+            row["values"]: row["counts"] for row in pc.value_counts(train.column(name)).to_pylist()
+        }
         for name in features.categorical
     }
     keep = pc.less(train.column(UNIFORM), sample_fraction)
@@ -324,12 +344,20 @@ def _split_block(block: pa.Table, config: Config, thresholds: dict, sample_fract
 @ray.remote(num_returns=5)
 def _transform_block(block: pa.Table, spec: FeatureSpec):
     encoded = transform(block, spec)
-    parts = [encoded.filter(pc.equal(encoded.column(SPLIT), name)).drop_columns([SPLIT])
-             for name in SPLITS]
+    parts = [
+        encoded.filter(pc.equal(encoded.column(SPLIT), name)).drop_columns([SPLIT])
+        for name in SPLITS
+    ]
     test_raw = block.filter(pc.equal(block.column(SPLIT), "test")).drop_columns([SPLIT, UNIFORM])
     label = spec.features.label
-    stats = {name: {"rows": part.num_rows, "positives": int(pc.sum(part.column(label)).as_py() or 0),
-                    "hash": table_hash(part)} for name, part in zip(SPLITS, parts, strict=True)}
+    stats = {
+        name: {
+            "rows": part.num_rows,
+            "positives": int(pc.sum(part.column(label)).as_py() or 0),
+            "hash": table_hash(part),
+        }
+        for name, part in zip(SPLITS, parts, strict=True)
+    }
     return (*parts, test_raw, stats)
 
 
@@ -370,7 +398,9 @@ def build_features(config: Config, run_uri: str, storage: Storage | None = None)
         result.fingerprints[name] = fingerprint(schema, result.rows[name], content)
     fs, path = storage.filesystem(join(out, "test_raw"))
     ray.data.from_arrow_refs([t[3] for t in transformed]).write_parquet(path, filesystem=fs)
-    lookups = {j.source: storage.read_table_dir(join(run_uri, "ingest", j.source)) for j in config.joins}
+    lookups = {
+        j.source: storage.read_table_dir(join(run_uri, "ingest", j.source)) for j in config.joins
+    }
     if features.history:
         lookups["history"] = pa.concat_tables(ray.get([part[1] for part in parts]))
     for name, table in lookups.items():
@@ -389,7 +419,9 @@ def main(
     from jobs.summary import print_rows
 
     result = build_features(load_config(config), run)
-    print_rows("features", {"spec": result.spec_uri, **{k: f"{v:,}" for k, v in result.rows.items()}})
+    print_rows(
+        "features", {"spec": result.spec_uri, **{k: f"{v:,}" for k, v in result.rows.items()}}
+    )
 
 
 if __name__ == "__main__":

@@ -27,8 +27,12 @@ from jobs.runtime import fingerprint, init_ray, new_run_id, pii_key, table_hash
 from jobs.storage import Storage, StorageError, join
 
 QUARANTINE_SCHEMA = pa.schema(
-    [("source", pa.string()), ("path", pa.string()), ("reason", pa.string()),
-     ("record", pa.string())]
+    [
+        ("source", pa.string()),
+        ("path", pa.string()),
+        ("reason", pa.string()),
+        ("record", pa.string()),
+    ]
 )
 
 
@@ -131,14 +135,19 @@ def _read_text_file(storage: Storage, uri: str, source: SourceConfig) -> pa.Tabl
                 reasons.append(f"jsonl: line {number} is not a JSON object")
                 records.append(line)
                 continue
-            wrong = [n for n in raw_names if row.get(n) is not None and isinstance(row[n], dict | list)]
+            wrong = [
+                n for n in raw_names if row.get(n) is not None and isinstance(row[n], dict | list)
+            ]
             for name in raw_names:
                 value = row.get(name)
                 columns[name].append(None if value is None else str(value))
             declared = {raw: source.types[std] for std, raw in validate.raw_columns(source).items()}
             wrong += [
-                n for n in raw_names
-                if declared[n] == "string" and row.get(n) is not None and not isinstance(row[n], str)
+                n
+                for n in raw_names
+                if declared[n] == "string"
+                and row.get(n) is not None
+                and not isinstance(row[n], str)
             ]
             reasons.append(f"{wrong[0]}: wrong JSON type" if wrong else None)
             records.append(line if wrong else None)
@@ -190,16 +199,24 @@ def _duplicate_positions(column: str, *blocks: pa.Table) -> list[np.ndarray]:
     """Positions of rows whose key already appeared in an earlier valid row (first one wins)."""
     if not blocks:
         return []
-    frame = pl.DataFrame({
-        "key": pl.from_arrow(pa.chunked_array([b.column(column) for b in blocks])),
-        "valid": pl.from_arrow(pa.chunked_array([pc.is_null(b.column(validate.REASON))
-                                                 for b in blocks])),
-    })
+    frame = pl.DataFrame(
+        {
+            "key": pl.from_arrow(pa.chunked_array([b.column(column) for b in blocks])),
+            "valid": pl.from_arrow(
+                pa.chunked_array([pc.is_null(b.column(validate.REASON)) for b in blocks])
+            ),
+        }
+    )
     # Among valid rows, every occurrence of a key after the first is a duplicate.
-    duplicated = frame.select(
-        pl.col("valid") & pl.col("key").is_not_null()
-        & ~pl.when(pl.col("valid")).then(pl.col("key")).is_first_distinct()
-    ).to_series().to_numpy()
+    duplicated = (
+        frame.select(
+            pl.col("valid")
+            & pl.col("key").is_not_null()
+            & ~pl.when(pl.col("valid")).then(pl.col("key")).is_first_distinct()
+        )
+        .to_series()
+        .to_numpy()
+    )
     offsets = np.cumsum([0] + [b.num_rows for b in blocks])
     return [np.flatnonzero(duplicated[offsets[i] : offsets[i + 1]]) for i in range(len(blocks))]
 
@@ -226,8 +243,12 @@ def _partition(block: pa.Table, name: str, duplicates: list[tuple[str, np.ndarra
         fallback = pa.array([json.dumps(row, default=str) for row in payload], pa.string())
         records = pc.coalesce(records, fallback)
     quarantine = pa.table(
-        [pa.array([name] * bad.num_rows, pa.string()), bad.column(validate.PATH), bad_reasons,
-         records],
+        [
+            pa.array([name] * bad.num_rows, pa.string()),
+            bad.column(validate.PATH),
+            bad_reasons,
+            records,
+        ],
         schema=QUARANTINE_SCHEMA,
     )
     counts = pc.value_counts(bad_reasons).to_pylist()
@@ -265,8 +286,12 @@ def _ingest_source(
         batch_format="pyarrow",
         batch_size=None,
         zero_copy_batch=True,
-        fn_kwargs={"source": source, "key": key, "reference_keys": reference_keys,
-                   "dimensions": dimensions},
+        fn_kwargs={
+            "source": source,
+            "key": key,
+            "reference_keys": reference_keys,
+            "dimensions": dimensions,
+        },
     )
     blocks = dataset.materialize().to_arrow_refs()
     duplicates = []
@@ -295,13 +320,19 @@ def _ingest_source(
     _write(storage, quarantine_refs, join(report.quarantine_uri, "rows"), QUARANTINE_SCHEMA)
     for uri, error in bad_files.items():
         file_name = uri.rstrip("/").replace("/", "__").replace(":", "")
-        storage.write_bytes(join(report.quarantine_uri, "files", file_name), storage.read_bytes(uri))
-        storage.write_json(join(report.quarantine_uri, "files", file_name + ".reason.json"),
-                           {"uri": uri, "reason": error})
+        storage.write_bytes(
+            join(report.quarantine_uri, "files", file_name), storage.read_bytes(uri)
+        )
+        storage.write_json(
+            join(report.quarantine_uri, "files", file_name + ".reason.json"),
+            {"uri": uri, "reason": error},
+        )
     return report, good_refs
 
 
-def ingest(config: Config, run_uri: str | None = None, storage: Storage | None = None) -> IngestResult:
+def ingest(
+    config: Config, run_uri: str | None = None, storage: Storage | None = None
+) -> IngestResult:
     """Runs ingest for every source; returns where the clean fact table and reports went."""
     storage = storage or Storage(config.s3)
     run_uri = run_uri or join(config.storage, "runs", new_run_id())
@@ -319,7 +350,9 @@ def ingest(config: Config, run_uri: str | None = None, storage: Storage | None =
             if rule.check == "references"
         }
         dimensions = (
-            [(j.key, j.prefix, tables[j.source]) for j in config.joins] if name == config.fact else []
+            [(j.key, j.prefix, tables[j.source]) for j in config.joins]
+            if name == config.fact
+            else []
         )
         files, bad = probed[name]
         report, good_refs = _ingest_source(

@@ -45,11 +45,17 @@ def lineage(config: Config, run_uri: str, storage: Storage, trained, seconds: di
         "libraries": registry.library_versions(),
         "data": {name: report["fingerprint"] for name, report in ingest_report.items()},
         "features": features_report["fingerprints"],
-        "training": {"plan": trained.plan, "reason": trained.plan_reason, "cpus": trained.cpus,
-                     "seconds": trained.seconds, "rounds": trained.rounds,
-                     "best_iteration": trained.best_iteration, "params": trained.params,
-                     "imbalance": trained.imbalance,
-                     "resumed_from_round": trained.resumed_from_round},
+        "training": {
+            "plan": trained.plan,
+            "reason": trained.plan_reason,
+            "cpus": trained.cpus,
+            "seconds": trained.seconds,
+            "rounds": trained.rounds,
+            "best_iteration": trained.best_iteration,
+            "params": trained.params,
+            "imbalance": trained.imbalance,
+            "resumed_from_round": trained.resumed_from_round,
+        },
         "stage_seconds": seconds,
     }
 
@@ -80,12 +86,20 @@ def finish_run(
     registry_uri = join(config.storage, "registry")
     gate = promotion_gate(config, run_uri, evaluation.metrics, storage)
     record = {**lineage(config, run_uri, storage, trained, seconds), **(extra_lineage or {})}
-    version = registry.publish(storage, registry_uri, config.name, run_uri, evaluation.threshold,
-                               evaluation.metrics, record)
+    version = registry.publish(
+        storage,
+        registry_uri,
+        config.name,
+        run_uri,
+        evaluation.threshold,
+        evaluation.metrics,
+        record,
+    )
     registry.set_alias(storage, registry_uri, config.name, "candidate", version, gate["reason"])
     if gate["promote"]:
-        registry.set_alias(storage, registry_uri, config.name, "production", version,
-                           gate["reason"])
+        registry.set_alias(
+            storage, registry_uri, config.name, "production", version, gate["reason"]
+        )
     result = PipelineResult(run_uri, version, gate["promote"], gate, evaluation.metrics, seconds)
     storage.write_json(join(run_uri, "pipeline.json"), asdict(result))
     if not quiet:
@@ -93,7 +107,9 @@ def finish_run(
     return result
 
 
-def run_pipeline(config: Config, storage: Storage | None = None, quiet: bool = False) -> PipelineResult:
+def run_pipeline(
+    config: Config, storage: Storage | None = None, quiet: bool = False
+) -> PipelineResult:
     """Runs every batch stage for `config` and registers the model (promoting it if it wins)."""
     from jobs import summary
 

@@ -33,7 +33,9 @@ class PredictResult:
     version: int
 
 
-def score_records(bundle: Bundle, records: pa.Table, raw_names: bool = False) -> tuple[np.ndarray, pa.Array]:
+def score_records(
+    bundle: Bundle, records: pa.Table, raw_names: bool = False
+) -> tuple[np.ndarray, pa.Array]:
     """Scores for every record (NaN where the record fails validation) and the reasons."""
     enriched, reasons = enrich(records, bundle.spec, bundle.lookups, raw_names)
     matrix = feature_matrix(transform(enriched, bundle.spec), bundle.spec.feature_names)
@@ -50,18 +52,25 @@ class BundleScorer:
         self.key = self.bundle.spec.source.primary_key
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        scores, reasons = score_records(self.bundle, batch.drop_columns(
-            [c for c in ("path",) if c in batch.column_names]), raw_names=True)
-        raw_key = next((r for r, s in self.bundle.spec.source.rename.items() if s == self.key), self.key)
+        scores, reasons = score_records(
+            self.bundle,
+            batch.drop_columns([c for c in ("path",) if c in batch.column_names]),
+            raw_names=True,
+        )
+        raw_key = next(
+            (r for r, s in self.bundle.spec.source.rename.items() if s == self.key), self.key
+        )
         labels = np.where(np.isnan(scores), -1, (scores >= self.bundle.threshold).astype(int))
-        return pa.table({
-            self.key: pc.cast(batch.column(raw_key), pa.string()),
-            "score": pa.array(scores, pa.float64(), from_pandas=True),
-            "label": pa.array(labels, pa.int8()),
-            "reason": reasons,
-            "model": pa.array([self.bundle.name] * batch.num_rows, pa.string()),
-            "version": pa.array([self.bundle.version] * batch.num_rows, pa.int32()),
-        })
+        return pa.table(
+            {
+                self.key: pc.cast(batch.column(raw_key), pa.string()),
+                "score": pa.array(scores, pa.float64(), from_pandas=True),
+                "label": pa.array(labels, pa.int8()),
+                "reason": reasons,
+                "model": pa.array([self.bundle.name] * batch.num_rows, pa.string()),
+                "version": pa.array([self.bundle.version] * batch.num_rows, pa.int32()),
+            }
+        )
 
 
 def predict(
@@ -79,12 +88,20 @@ def predict(
     source = config.sources[config.fact]
     fs, path = storage.filesystem(input_uri)
     files = [uri.removeprefix("s3://") for uri in storage.list_files(input_uri)]
-    reader = {"parquet": ray.data.read_parquet, "csv": ray.data.read_csv, "jsonl": ray.data.read_json}
+    reader = {
+        "parquet": ray.data.read_parquet,
+        "csv": ray.data.read_csv,
+        "jsonl": ray.data.read_json,
+    }
     dataset = reader[source.format](files, filesystem=fs)
     scored = dataset.map_batches(
         BundleScorer,
-        fn_constructor_kwargs={"storage": storage, "registry_uri": registry_uri,
-                               "name": config.name, "ref": ref},
+        fn_constructor_kwargs={
+            "storage": storage,
+            "registry_uri": registry_uri,
+            "name": config.name,
+            "ref": ref,
+        },
         batch_format="pyarrow",
         batch_size=None,
         concurrency=actors,
@@ -97,9 +114,15 @@ def predict(
     invalid.write_parquet(join(out_path, "quarantine"), filesystem=out_fs)
     rows_in, rows_bad = scored.count(), invalid.count()
     first = scored.take(1)
-    return PredictResult(join(output_uri, "predictions"), join(output_uri, "quarantine"), rows_in,
-                         rows_in - rows_bad, rows_bad, config.name,
-                         int(first[0]["version"]) if first else -1)
+    return PredictResult(
+        join(output_uri, "predictions"),
+        join(output_uri, "quarantine"),
+        rows_in,
+        rows_in - rows_bad,
+        rows_bad,
+        config.name,
+        int(first[0]["version"]) if first else -1,
+    )
 
 
 def main(

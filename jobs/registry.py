@@ -78,13 +78,19 @@ def _next_version(storage: Storage, registry_uri: str, name: str) -> int:
 def library_versions() -> dict:
     import ray
 
-    return {"python": platform.python_version(), "ray": ray.__version__,
-            "xgboost": xgb.__version__, "pyarrow": pa.__version__}
+    return {
+        "python": platform.python_version(),
+        "ray": ray.__version__,
+        "xgboost": xgb.__version__,
+        "pyarrow": pa.__version__,
+    }
 
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -116,16 +122,26 @@ def publish(
     for uri in storage.list_files(join(features, "lookups")):
         files[f"lookups/{uri.rsplit('/', 1)[1]}"] = storage.read_bytes(uri)
     now = datetime.now(timezone.utc).isoformat()
-    info = {"name": name, "version": version, "threshold": threshold, "created": now,
-            "run_uri": run_uri}
-    for file_name, payload in (("metrics.json", metrics), ("lineage.json", lineage),
-                               ("bundle.json", info)):
+    info = {
+        "name": name,
+        "version": version,
+        "threshold": threshold,
+        "created": now,
+        "run_uri": run_uri,
+    }
+    for file_name, payload in (
+        ("metrics.json", metrics),
+        ("lineage.json", lineage),
+        ("bundle.json", info),
+    ):
         files[file_name] = json.dumps(payload, indent=2, sort_keys=True, default=str).encode()
     for relative, data in files.items():
         storage.write_bytes(join(folder, relative), data)
     checksums = {relative: hashlib.sha256(data).hexdigest() for relative, data in files.items()}
-    storage.write_json(join(folder, MANIFEST), {"name": name, "version": version,
-                                                "files": checksums, "created": now})
+    storage.write_json(
+        join(folder, MANIFEST),
+        {"name": name, "version": version, "files": checksums, "created": now},
+    )
     return version
 
 
@@ -134,8 +150,9 @@ def get_alias(storage: Storage, registry_uri: str, name: str, alias: str) -> dic
     return storage.read_json(uri) if storage.exists(uri) else None
 
 
-def set_alias(storage: Storage, registry_uri: str, name: str, alias: str, version: int,
-              reason: str = "") -> dict:
+def set_alias(
+    storage: Storage, registry_uri: str, name: str, alias: str, version: int, reason: str = ""
+) -> dict:
     """Points `alias` at `version` (which must be published), remembering the previous one."""
     if version not in list_versions(storage, registry_uri, name):
         raise BundleError(f"model {name!r} has no published version {version}")
@@ -143,8 +160,12 @@ def set_alias(storage: Storage, registry_uri: str, name: str, alias: str, versio
     history = list(current.get("history", []))
     if "version" in current and current["version"] != version:
         history.append(current["version"])
-    pointer = {"version": version, "history": history[-50:], "reason": reason,
-               "updated": datetime.now(timezone.utc).isoformat()}
+    pointer = {
+        "version": version,
+        "history": history[-50:],
+        "reason": reason,
+        "updated": datetime.now(timezone.utc).isoformat(),
+    }
     storage.write_json(join(registry_uri, name, "aliases", f"{alias}.json"), pointer)
     return pointer
 
@@ -153,11 +174,17 @@ def rollback(storage: Storage, registry_uri: str, name: str, alias: str = "produ
     """Moves `alias` back to the version it pointed to before."""
     current = get_alias(storage, registry_uri, name, alias)
     if not current or not current.get("history"):
-        raise BundleError(f"alias {alias!r} of model {name!r} has no earlier version to roll back to")
+        raise BundleError(
+            f"alias {alias!r} of model {name!r} has no earlier version to roll back to"
+        )
     history = list(current["history"])
     previous = history.pop()
-    pointer = {"version": previous, "history": history, "reason": f"rollback from {current['version']}",
-               "updated": datetime.now(timezone.utc).isoformat()}
+    pointer = {
+        "version": previous,
+        "history": history,
+        "reason": f"rollback from {current['version']}",
+        "updated": datetime.now(timezone.utc).isoformat(),
+    }
     storage.write_json(join(registry_uri, name, "aliases", f"{alias}.json"), pointer)
     return pointer
 
@@ -172,7 +199,9 @@ def resolve(storage: Storage, registry_uri: str, name: str, ref: str | int) -> i
     return int(pointer["version"])
 
 
-def load_bundle(storage: Storage, registry_uri: str, name: str, ref: str | int = "production") -> Bundle:
+def load_bundle(
+    storage: Storage, registry_uri: str, name: str, ref: str | int = "production"
+) -> Bundle:
     """Loads and verifies a bundle; every file must match the manifest's checksum."""
     version = resolve(storage, registry_uri, name, ref)
     folder = _version_dir(registry_uri, name, version)
@@ -195,13 +224,18 @@ def load_bundle(storage: Storage, registry_uri: str, name: str, ref: str | int =
     info = json.loads(data["bundle.json"])
     lookups = {
         relative.removeprefix("lookups/").removesuffix(".parquet"): pq.read_table(io.BytesIO(blob))
-        for relative, blob in data.items() if relative.startswith("lookups/")
+        for relative, blob in data.items()
+        if relative.startswith("lookups/")
     }
     return Bundle(
-        name=name, version=version, booster=booster,
+        name=name,
+        version=version,
+        booster=booster,
         spec=FeatureSpec.model_validate_json(data["feature_spec.json"]),
-        lookups=lookups, threshold=float(info["threshold"]),
-        metrics=json.loads(data["metrics.json"]), lineage=json.loads(data["lineage.json"]),
+        lookups=lookups,
+        threshold=float(info["threshold"]),
+        metrics=json.loads(data["metrics.json"]),
+        lineage=json.loads(data["lineage.json"]),
         info=info,
     )
 
@@ -235,29 +269,42 @@ def list_command(config: Annotated[str, typer.Option(help="Pipeline config YAML"
         table.add_column(column)
     for version in list_versions(storage, registry_uri, name):
         folder = _version_dir(registry_uri, name, version)
-        metrics, info = (storage.read_json(join(folder, f)) for f in ("metrics.json", "bundle.json"))
-        table.add_row(str(version), ", ".join(aliases.get(version, [])),
-                      f"{metrics.get('pr_auc') or 0:.4f}", f"{metrics.get('roc_auc') or 0:.4f}",
-                      f"{info['threshold']:.4f}", info["created"][:19])
+        metrics, info = (
+            storage.read_json(join(folder, f)) for f in ("metrics.json", "bundle.json")
+        )
+        table.add_row(
+            str(version),
+            ", ".join(aliases.get(version, [])),
+            f"{metrics.get('pr_auc') or 0:.4f}",
+            f"{metrics.get('roc_auc') or 0:.4f}",
+            f"{info['threshold']:.4f}",
+            info["created"][:19],
+        )
     console.print(table)
 
 
 @app.command()
-def show(config: Annotated[str, typer.Option(help="Pipeline config YAML")],
-         ref: Annotated[str, typer.Argument(help="version or alias")] = "production") -> None:
+def show(
+    config: Annotated[str, typer.Option(help="Pipeline config YAML")],
+    ref: Annotated[str, typer.Argument(help="version or alias")] = "production",
+) -> None:
     """One bundle's metadata, metrics and lineage (verifies checksums)."""
     from jobs.summary import console
 
     storage, registry_uri, name = _context(config)
     bundle = load_bundle(storage, registry_uri, name, ref)
-    headline = {k: bundle.metrics.get(k) for k in ("roc_auc", "pr_auc", "precision", "recall", "f1")}
+    headline = {
+        k: bundle.metrics.get(k) for k in ("roc_auc", "pr_auc", "precision", "recall", "f1")
+    }
     console.print_json(data={"info": bundle.info, "metrics": headline, "lineage": bundle.lineage})
 
 
 @app.command()
-def promote(config: Annotated[str, typer.Option(help="Pipeline config YAML")],
-            version: Annotated[int, typer.Argument(help="version to point the alias at")],
-            alias: Annotated[str, typer.Option(help="alias to move")] = "production") -> None:
+def promote(
+    config: Annotated[str, typer.Option(help="Pipeline config YAML")],
+    version: Annotated[int, typer.Argument(help="version to point the alias at")],
+    alias: Annotated[str, typer.Option(help="alias to move")] = "production",
+) -> None:
     """Point an alias at a version (by hand, bypassing the gate)."""
     storage, registry_uri, name = _context(config)
     pointer = set_alias(storage, registry_uri, name, alias, version, reason="manual promote")
@@ -265,8 +312,10 @@ def promote(config: Annotated[str, typer.Option(help="Pipeline config YAML")],
 
 
 @app.command("rollback")
-def rollback_command(config: Annotated[str, typer.Option(help="Pipeline config YAML")],
-                     alias: Annotated[str, typer.Option(help="alias to move back")] = "production") -> None:
+def rollback_command(
+    config: Annotated[str, typer.Option(help="Pipeline config YAML")],
+    alias: Annotated[str, typer.Option(help="alias to move back")] = "production",
+) -> None:
     """Move an alias back to the version it pointed to before."""
     storage, registry_uri, name = _context(config)
     pointer = rollback(storage, registry_uri, name, alias)

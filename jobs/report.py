@@ -59,8 +59,10 @@ def _slice_table(slices: dict) -> str:
                 f"<td>{m['rows']:,}</td><td>{m['positives']:,}</td><td>{auc}</td>"
                 f"<td>{m['precision']:.3f}</td><td>{m['recall']:.3f}</td><td>{m['f1']:.3f}</td></tr>"
             )
-    header = ("<tr><th>slice</th><th>value</th><th>rows</th><th>positives</th><th>PR-AUC</th>"
-              "<th>precision</th><th>recall</th><th>F1</th></tr>")
+    header = (
+        "<tr><th>slice</th><th>value</th><th>rows</th><th>positives</th><th>PR-AUC</th>"
+        "<th>precision</th><th>recall</th><th>F1</th></tr>"
+    )
     return f"<table>{header}{''.join(rows)}</table>"
 
 
@@ -68,7 +70,8 @@ def write_html_report(metrics: dict, labels: np.ndarray, scores: np.ndarray) -> 
     """Returns the HTML text of the evaluation report."""
     headline = ("roc_auc", "pr_auc", "precision", "recall", "f1", "brier", "log_loss")
     cells = "".join(
-        f"<tr><th>{name}</th><td>{metrics[name]:.4f}</td></tr>" for name in headline
+        f"<tr><th>{name}</th><td>{metrics[name]:.4f}</td></tr>"
+        for name in headline
         if metrics.get(name) is not None
     )
     confusion = metrics["confusion"]
@@ -78,16 +81,17 @@ def write_html_report(metrics: dict, labels: np.ndarray, scores: np.ndarray) -> 
     )
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>rayline evaluation</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;margin:1em 0}}
-td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}figure{{display:inline-block}}</style>
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}
+figure{{display:inline-block}}</style>
 </head><body><h1>Evaluation on the test split</h1>
-<p>{metrics['rows']:,} rows, {metrics['positives']:,} positives (base rate
-{metrics['positives'] / max(metrics['rows'], 1):.4f}). Threshold {metrics['threshold']:.4f}
-chosen on the valid split by rule <code>{html.escape(metrics['threshold_rule']['rule'])}</code>.</p>
+<p>{metrics["rows"]:,} rows, {metrics["positives"]:,} positives (base rate
+{metrics["positives"] / max(metrics["rows"], 1):.4f}). Threshold {metrics["threshold"]:.4f}
+chosen on the valid split by rule <code>{html.escape(metrics["threshold_rule"]["rule"])}</code>.</p>
 <table>{cells}</table>
 <h2>Confusion matrix at the threshold</h2>
 <table><tr><th></th><th>predicted 0</th><th>predicted 1</th></tr>
-<tr><th>actual 0</th><td>{confusion['tn']:,}</td><td>{confusion['fp']:,}</td></tr>
-<tr><th>actual 1</th><td>{confusion['fn']:,}</td><td>{confusion['tp']:,}</td></tr></table>
+<tr><th>actual 0</th><td>{confusion["tn"]:,}</td><td>{confusion["fp"]:,}</td></tr>
+<tr><th>actual 1</th><td>{confusion["fn"]:,}</td><td>{confusion["tp"]:,}</td></tr></table>
 <h2>Plots</h2>{images}
-<h2>Slices</h2>{_slice_table(metrics['slices'])}
+<h2>Slices</h2>{_slice_table(metrics["slices"])}
 </body></html>"""

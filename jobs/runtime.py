@@ -1,4 +1,4 @@
-"""Process-level plumbing shared by every stage: Ray start-up, run ids, the PII key, fingerprints."""
+"""Plumbing shared by every stage: Ray start-up, run ids, the PII key, fingerprints."""
 
 from __future__ import annotations
 

@@ -52,7 +52,7 @@ class Storage:
         return fs.get_file_info(path).type != pafs.FileType.NotFound
 
     def list_files(self, uri: str) -> list[str]:
-        """All files under a URI (or the URI itself if it is a file), sorted, hidden ones skipped."""
+        """Files under a URI (or the URI itself if a file), sorted, hidden ones skipped."""
         fs, path = self.filesystem(uri)
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.NotFound:

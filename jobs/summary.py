@@ -11,13 +11,19 @@ console = Console()
 def print_ingest(result) -> None:
     table = Table(title="ingest + validate", title_justify="left")
     for column in ("source", "files", "rows in", "rows out", "quarantined", "top reasons"):
-        table.add_column(column, justify="right" if column.startswith(("rows", "quar", "files")) else "left")
+        table.add_column(
+            column, justify="right" if column.startswith(("rows", "quar", "files")) else "left"
+        )
     for report in result.sources.values():
         reasons = sorted(report.reasons.items(), key=lambda item: -item[1])[:3]
         files = f"{report.files}" + (f" ({len(report.bad_files)} bad)" if report.bad_files else "")
         table.add_row(
-            report.name, files, f"{report.rows_in:,}", f"{report.rows_out:,}",
-            f"{report.rows_quarantined:,}", ", ".join(f"{r} x{n}" for r, n in reasons),
+            report.name,
+            files,
+            f"{report.rows_in:,}",
+            f"{report.rows_out:,}",
+            f"{report.rows_quarantined:,}",
+            ", ".join(f"{r} x{n}" for r, n in reasons),
         )
     console.print(table)
     for report in result.sources.values():
@@ -37,35 +43,47 @@ def print_rows(title: str, rows: dict[str, object]) -> None:
 
 
 def print_features(features) -> None:
-    rows = {f"{name} rows": f"{count:,} ({features.positives[name]:,} positive)"
-            for name, count in features.rows.items()}
+    rows = {
+        f"{name} rows": f"{count:,} ({features.positives[name]:,} positive)"
+        for name, count in features.rows.items()
+    }
     print_rows("features", {**rows, "feature spec": features.spec_uri})
 
 
 def print_training(trained, evaluation, result) -> None:
     """Train, evaluate and register tables, then where everything went."""
-    print_rows("train", {
-        "plan": f"{trained.plan}: {trained.plan_reason}",
-        "rounds (best)": f"{trained.rounds} ({trained.best_iteration + 1})",
-        "valid PR-AUC": f"{trained.valid_aucpr:.4f}",
-        "class imbalance": ", ".join(f"{k}={v}" for k, v in trained.imbalance.items()),
-        "resumed from round": str(trained.resumed_from_round),
-        "seconds": f"{trained.seconds:.1f}",
-        "model": trained.model_uri,
-    })
+    print_rows(
+        "train",
+        {
+            "plan": f"{trained.plan}: {trained.plan_reason}",
+            "rounds (best)": f"{trained.rounds} ({trained.best_iteration + 1})",
+            "valid PR-AUC": f"{trained.valid_aucpr:.4f}",
+            "class imbalance": ", ".join(f"{k}={v}" for k, v in trained.imbalance.items()),
+            "resumed from round": str(trained.resumed_from_round),
+            "seconds": f"{trained.seconds:.1f}",
+            "model": trained.model_uri,
+        },
+    )
     metrics = evaluation.metrics
-    print_rows("evaluate (test split)", {
-        "ROC-AUC": f"{metrics['roc_auc']:.4f}",
-        "PR-AUC": f"{metrics['pr_auc']:.4f} (base rate {metrics['positives'] / metrics['rows']:.4f})",
-        "precision / recall / F1": f"{metrics['precision']:.3f} / {metrics['recall']:.3f} / "
-                                   f"{metrics['f1']:.3f}",
-        "threshold": f"{evaluation.threshold:.4f} ({evaluation.threshold_rule})",
-        "report": evaluation.report_uri,
-    })
-    print_rows("register", {
-        "version": str(result.version),
-        "production": "promoted" if result.promoted else "unchanged",
-        "gate": result.gate["reason"],
-        "stage seconds": ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()),
-        "run": result.run_uri,
-    })
+    base_rate = metrics["positives"] / metrics["rows"]
+    print_rows(
+        "evaluate (test split)",
+        {
+            "ROC-AUC": f"{metrics['roc_auc']:.4f}",
+            "PR-AUC": f"{metrics['pr_auc']:.4f} (base rate {base_rate:.4f})",
+            "precision / recall / F1": f"{metrics['precision']:.3f} / {metrics['recall']:.3f} / "
+            f"{metrics['f1']:.3f}",
+            "threshold": f"{evaluation.threshold:.4f} ({evaluation.threshold_rule})",
+            "report": evaluation.report_uri,
+        },
+    )
+    print_rows(
+        "register",
+        {
+            "version": str(result.version),
+            "production": "promoted" if result.promoted else "unchanged",
+            "gate": result.gate["reason"],
+            "stage seconds": ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()),
+            "run": result.run_uri,
+        },
+    )

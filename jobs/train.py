@@ -27,11 +27,34 @@ from jobs.runtime import init_ray
 from jobs.storage import Storage, join
 
 KNOWN_PARAMS = {
-    "eta", "learning_rate", "max_depth", "min_child_weight", "subsample", "colsample_bytree",
-    "colsample_bylevel", "colsample_bynode", "gamma", "min_split_loss", "lambda", "reg_lambda",
-    "alpha", "reg_alpha", "max_delta_step", "max_bin", "max_leaves", "grow_policy",
-    "tree_method", "scale_pos_weight", "sampling_method", "num_parallel_tree", "base_score",
-    "max_cat_to_onehot", "monotone_constraints", "interaction_constraints", "seed", "nthread",
+    "eta",
+    "learning_rate",
+    "max_depth",
+    "min_child_weight",
+    "subsample",
+    "colsample_bytree",
+    "colsample_bylevel",
+    "colsample_bynode",
+    "gamma",
+    "min_split_loss",
+    "lambda",
+    "reg_lambda",
+    "alpha",
+    "reg_alpha",
+    "max_delta_step",
+    "max_bin",
+    "max_leaves",
+    "grow_policy",
+    "tree_method",
+    "scale_pos_weight",
+    "sampling_method",
+    "num_parallel_tree",
+    "base_score",
+    "max_cat_to_onehot",
+    "monotone_constraints",
+    "interaction_constraints",
+    "seed",
+    "nthread",
 }
 MODEL_FILE = "model.ubj"
 
@@ -66,8 +89,14 @@ def xgb_params(
         raise TrainingError(
             f"unknown hyperparameter(s) {unknown} in train.params; known: {sorted(KNOWN_PARAMS)}"
         )
-    params = {"objective": "binary:logistic", "eval_metric": ["logloss", "auc", "aucpr"],
-              "tree_method": "hist", "seed": seed, "verbosity": 0, **train.params}
+    params = {
+        "objective": "binary:logistic",
+        "eval_metric": ["logloss", "auc", "aucpr"],
+        "tree_method": "hist",
+        "seed": seed,
+        "verbosity": 0,
+        **train.params,
+    }
     if train.gpus_per_worker > 0:
         params["device"] = "cuda"
     if train.imbalance.strategy == "scale_pos_weight" and imbalance:
@@ -77,7 +106,9 @@ def xgb_params(
     return params
 
 
-def to_matrix(table: pa.Table, label: str, feature_names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+def to_matrix(
+    table: pa.Table, label: str, feature_names: list[str]
+) -> tuple[np.ndarray, np.ndarray]:
     labels = table.column(label).to_numpy(zero_copy_only=False).astype(np.float32)
     return feature_matrix(table, feature_names), labels
 

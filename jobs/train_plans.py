@@ -53,19 +53,32 @@ def latest_checkpoint(storage: Storage, uri: str) -> xgb.Booster | None:
     return load_booster(storage, target)
 
 
-def _finish(booster: xgb.Booster, history: dict, resumed: int, rows: int) -> tuple[xgb.Booster, dict]:
+def _finish(
+    booster: xgb.Booster, history: dict, resumed: int, rows: int
+) -> tuple[xgb.Booster, dict]:
     best = int(getattr(booster, "best_iteration", booster.num_boosted_rounds() - 1))
     rounds = booster.num_boosted_rounds()
     best_model = booster[: best + 1]
     aucpr = history.get("valid", {}).get("aucpr", [])
     score = float(booster.attributes().get("best_score", aucpr[-1] if aucpr else "nan"))
-    return best_model, {"best_iteration": best, "rounds": rounds, "valid_aucpr": score,
-                        "resumed_from_round": resumed, "train_rows": rows}
+    return best_model, {
+        "best_iteration": best,
+        "rounds": rounds,
+        "valid_aucpr": score,
+        "resumed_from_round": resumed,
+        "train_rows": rows,
+    }
 
 
 @ray.remote(max_retries=0)
-def _train_task(config: Config, train: TrainConfig, run_uri: str, storage: Storage,
-                imbalance: dict, nthread: int) -> dict:
+def _train_task(
+    config: Config,
+    train: TrainConfig,
+    run_uri: str,
+    storage: Storage,
+    imbalance: dict,
+    nthread: int,
+) -> dict:
     """The single plan: read the splits with pyarrow, train with every CPU of this task."""
     spec = storage.read_json(join(run_uri, "features", "feature_spec.json"))
     names, label = spec["feature_names"], config.features.label
@@ -85,19 +98,30 @@ def _train_task(config: Config, train: TrainConfig, run_uri: str, storage: Stora
     return {**summary, "params": params, "history": history, "checkpoint_uri": checkpoints}
 
 
-def run_single(config: Config, train: TrainConfig, run_uri: str, storage: Storage,
-               imbalance: dict) -> TrainResult:
+def run_single(
+    config: Config, train: TrainConfig, run_uri: str, storage: Storage, imbalance: dict
+) -> TrainResult:
     nodes = [n for n in ray.nodes() if n["Alive"]]
     cpus = max(1, int(max(n["Resources"].get("CPU", 1) for n in nodes)))
-    task = _train_task.options(num_cpus=cpus, max_retries=train.max_failures,
-                               num_gpus=train.gpus_per_worker or None)
+    task = _train_task.options(
+        num_cpus=cpus, max_retries=train.max_failures, num_gpus=train.gpus_per_worker or None
+    )
     out = ray.get(task.remote(config, train, run_uri, storage, imbalance, cpus))
     return TrainResult(
-        model_uri=join(run_uri, "train", MODEL_FILE), plan="single", plan_reason="",
-        params=out["params"], imbalance=imbalance, best_iteration=out["best_iteration"],
-        rounds=out["rounds"], valid_aucpr=out["valid_aucpr"],
-        resumed_from_round=out["resumed_from_round"], train_rows=out["train_rows"], seconds=0.0,
-        cpus=cpus, checkpoint_uri=out["checkpoint_uri"], history=out["history"],
+        model_uri=join(run_uri, "train", MODEL_FILE),
+        plan="single",
+        plan_reason="",
+        params=out["params"],
+        imbalance=imbalance,
+        best_iteration=out["best_iteration"],
+        rounds=out["rounds"],
+        valid_aucpr=out["valid_aucpr"],
+        resumed_from_round=out["resumed_from_round"],
+        train_rows=out["train_rows"],
+        seconds=0.0,
+        cpus=cpus,
+        checkpoint_uri=out["checkpoint_uri"],
+        history=out["history"],
     )
 
 
@@ -137,8 +161,9 @@ def _worker_loop(loop_config: dict) -> None:
     rank = ray.train.get_context().get_world_rank()
 
     def shard(name: str):
-        batches = ray.train.get_dataset_shard(name).iter_batches(batch_format="pyarrow",
-                                                                  batch_size=None)
+        batches = ray.train.get_dataset_shard(name).iter_batches(
+            batch_format="pyarrow", batch_size=None
+        )
         return to_matrix(pa.concat_tables(list(batches)), label, names)
 
     x_train, y_train = shard("train")
@@ -154,14 +179,16 @@ def _worker_loop(loop_config: dict) -> None:
         with checkpoint.as_directory() as folder:
             start = xgb.Booster(model_file=str(Path(folder, MODEL_FILE)))
         resumed = start.num_boosted_rounds()
-    booster, history = fit_booster(dtrain, dvalid, loop_config["params"], train,
-                                   [ReportEvery(train.checkpoint_every)], start)
+    booster, history = fit_booster(
+        dtrain, dvalid, loop_config["params"], train, [ReportEvery(train.checkpoint_every)], start
+    )
     model, summary = _finish(booster, history, resumed, len(y_train))
     report(model, history, {**summary, "final": 1})
 
 
-def run_distributed(config: Config, train: TrainConfig, run_uri: str, storage: Storage,
-                    imbalance: dict) -> TrainResult:
+def run_distributed(
+    config: Config, train: TrainConfig, run_uri: str, storage: Storage, imbalance: dict
+) -> TrainResult:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.xgboost import XGBoostTrainer
 
@@ -175,17 +202,26 @@ def run_distributed(config: Config, train: TrainConfig, run_uri: str, storage: S
     fs, path = storage.filesystem(storage_uri)
     trainer = XGBoostTrainer(
         _worker_loop,
-        train_loop_config={"names": spec["feature_names"], "label": config.features.label,
-                           "train": train, "imbalance": imbalance, "seed": config.seed,
-                           "params": xgb_params(train, config.seed, int(train.cpus_per_worker),
-                                                imbalance)},
+        train_loop_config={
+            "names": spec["feature_names"],
+            "label": config.features.label,
+            "train": train,
+            "imbalance": imbalance,
+            "seed": config.seed,
+            "params": xgb_params(train, config.seed, int(train.cpus_per_worker), imbalance),
+        },
         scaling_config=ScalingConfig(
-            num_workers=train.num_workers, use_gpu=train.gpus_per_worker > 0,
-            resources_per_worker={"CPU": train.cpus_per_worker,
-                                  **({"GPU": train.gpus_per_worker} if train.gpus_per_worker else {})},
+            num_workers=train.num_workers,
+            use_gpu=train.gpus_per_worker > 0,
+            resources_per_worker={
+                "CPU": train.cpus_per_worker,
+                **({"GPU": train.gpus_per_worker} if train.gpus_per_worker else {}),
+            },
         ),
         run_config=RunConfig(
-            name="xgboost", storage_path=path, storage_filesystem=fs,
+            name="xgboost",
+            storage_path=path,
+            storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
@@ -198,12 +234,18 @@ def run_distributed(config: Config, train: TrainConfig, run_uri: str, storage: S
         booster = xgb.Booster(model_file=str(Path(folder, MODEL_FILE)))
     save_booster(storage, booster, join(run_uri, "train", MODEL_FILE))
     return TrainResult(
-        model_uri=join(run_uri, "train", MODEL_FILE), plan="distributed", plan_reason="",
-        params=xgb_params(train, config.seed, None, imbalance), imbalance=imbalance,
-        best_iteration=int(metrics["best_iteration"]), rounds=int(metrics["rounds"]),
+        model_uri=join(run_uri, "train", MODEL_FILE),
+        plan="distributed",
+        plan_reason="",
+        params=xgb_params(train, config.seed, None, imbalance),
+        imbalance=imbalance,
+        best_iteration=int(metrics["best_iteration"]),
+        rounds=int(metrics["rounds"]),
         valid_aucpr=float(metrics["valid_aucpr"]),
         resumed_from_round=int(metrics["resumed_from_round"]),
-        train_rows=int(metrics["train_rows"]) * train.num_workers, seconds=0.0,
-        cpus=train.num_workers * train.cpus_per_worker, checkpoint_uri=storage_uri,
+        train_rows=int(metrics["train_rows"]) * train.num_workers,
+        seconds=0.0,
+        cpus=train.num_workers * train.cpus_per_worker,
+        checkpoint_uri=storage_uri,
         history={"fit_seconds": round(time.perf_counter() - started, 3)},
     )

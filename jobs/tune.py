@@ -44,8 +44,10 @@ def search_space(tune_cfg: TuneConfig) -> dict:
     space = {}
     for name, spec in tune_cfg.space.items():
         if len(spec) != 1:
-            raise TrainingError(f"tune.space.{name}: give exactly one distribution, got {list(spec)}")
-        (kind, args), = spec.items()
+            raise TrainingError(
+                f"tune.space.{name}: give exactly one distribution, got {list(spec)}"
+            )
+        ((kind, args),) = spec.items()
         if kind == "choice":
             space[name] = tune.choice(args)
         elif kind == "randint":
@@ -64,17 +66,27 @@ class _ReportEachRound(xgb.callback.TrainingCallback):
     def after_iteration(self, model, epoch, evals_log) -> bool:
         from ray import tune
 
-        tune.report({f"valid_{self.metric}": float(evals_log["valid"][self.metric][-1]),
-                     "rounds": model.num_boosted_rounds()})
+        tune.report(
+            {
+                f"valid_{self.metric}": float(evals_log["valid"][self.metric][-1]),
+                "rounds": model.num_boosted_rounds(),
+            }
+        )
         return False
 
 
 def _trial(params: dict, data: dict, base: dict, rounds: int, early: int, metric: str) -> None:
     dtrain = xgb.QuantileDMatrix(data["x_train"], data["y_train"])
     dvalid = xgb.QuantileDMatrix(data["x_valid"], data["y_valid"], ref=dtrain)
-    xgb.train({**base, **params}, dtrain, num_boost_round=rounds, evals=[(dvalid, "valid")],
-              early_stopping_rounds=early, callbacks=[_ReportEachRound(metric)],
-              verbose_eval=False)
+    xgb.train(
+        {**base, **params},
+        dtrain,
+        num_boost_round=rounds,
+        evals=[(dvalid, "valid")],
+        early_stopping_rounds=early,
+        callbacks=[_ReportEachRound(metric)],
+        verbose_eval=False,
+    )
 
 
 def _tuner(config: Config, experiment: tuple, trainable, restore: bool):
@@ -87,10 +99,16 @@ def _tuner(config: Config, experiment: tuple, trainable, restore: bool):
     if restore and tune.Tuner.can_restore(full_path, storage_filesystem=fs):
         return tune.Tuner.restore(full_path, trainable, resume_errored=True, storage_filesystem=fs)
     metric, mode = f"valid_{tune_cfg.metric}", ("min" if tune_cfg.metric == "logloss" else "max")
-    scheduler = (ASHAScheduler(time_attr="rounds", max_t=tune_cfg.num_boost_round,
-                               grace_period=tune_cfg.grace_period,
-                               reduction_factor=tune_cfg.reduction_factor)
-                 if tune_cfg.asha else FIFOScheduler())
+    scheduler = (
+        ASHAScheduler(
+            time_attr="rounds",
+            max_t=tune_cfg.num_boost_round,
+            grace_period=tune_cfg.grace_period,
+            reduction_factor=tune_cfg.reduction_factor,
+        )
+        if tune_cfg.asha
+        else FIFOScheduler()
+    )
     search_alg = None
     if tune_cfg.search == "optuna":
         from ray.tune.search import ConcurrencyLimiter
@@ -101,17 +119,23 @@ def _tuner(config: Config, experiment: tuple, trainable, restore: bool):
         trainable,
         param_space=search_space(tune_cfg),
         tune_config=tune.TuneConfig(
-            metric=metric, mode=mode, num_samples=tune_cfg.num_samples, scheduler=scheduler,
-            search_alg=search_alg, max_concurrent_trials=tune_cfg.max_concurrent,
+            metric=metric,
+            mode=mode,
+            num_samples=tune_cfg.num_samples,
+            scheduler=scheduler,
+            search_alg=search_alg,
+            max_concurrent_trials=tune_cfg.max_concurrent,
             time_budget_s=tune_cfg.time_budget_s,
         ),
-        run_config=tune.RunConfig(name="experiment", storage_path=path, storage_filesystem=fs,
-                                  verbose=0),
+        run_config=tune.RunConfig(
+            name="experiment", storage_path=path, storage_filesystem=fs, verbose=0
+        ),
     )
 
 
-def tune_model(config: Config, run_uri: str, storage: Storage | None = None,
-               restore: bool = True) -> TuneResult:
+def tune_model(
+    config: Config, run_uri: str, storage: Storage | None = None, restore: bool = True
+) -> TuneResult:
     """Searches hyperparameters on the run's train/valid splits; returns the best."""
     from ray import tune
 
@@ -130,10 +154,13 @@ def tune_model(config: Config, run_uri: str, storage: Storage | None = None,
     base["eval_metric"] = [tune_cfg.metric]
     trainable = tune.with_resources(
         tune.with_parameters(
-            _trial, data={"x_train": x_train, "y_train": y_train, "x_valid": x_valid,
-                          "y_valid": y_valid},
-            base=base, rounds=tune_cfg.num_boost_round,
-            early=config.train.early_stopping_rounds, metric=tune_cfg.metric),
+            _trial,
+            data={"x_train": x_train, "y_train": y_train, "x_valid": x_valid, "y_valid": y_valid},
+            base=base,
+            rounds=tune_cfg.num_boost_round,
+            early=config.train.early_stopping_rounds,
+            metric=tune_cfg.metric,
+        ),
         {"cpu": tune_cfg.cpus_per_trial},
     )
     experiment_uri = join(run_uri, "tune")
@@ -146,18 +173,30 @@ def tune_model(config: Config, run_uri: str, storage: Storage | None = None,
         if result.metrics_dataframe is None or metric not in result.metrics_dataframe:
             continue
         history = result.metrics_dataframe
-        rows.append({**{k: result.config[k] for k in tune_cfg.space},
-                     "best": float(best_of(history[metric])), "rounds": int(history["rounds"].max())})
+        rows.append(
+            {
+                **{k: result.config[k] for k in tune_cfg.space},
+                "best": float(best_of(history[metric])),
+                "rounds": int(history["rounds"].max()),
+            }
+        )
     if not rows:
         raise TrainingError(f"no Tune trial reported {metric}; see {experiment_uri}")
     best = (max if best_of is max else min)(rows, key=lambda row: row["best"])
     result = TuneResult(
-        best_params={k: (int(v) if isinstance(v, np.integer) else v)
-                     for k, v in best.items() if k in tune_cfg.space},
-        best_score=best["best"], metric=metric, trials=len(rows),
+        best_params={
+            k: (int(v) if isinstance(v, np.integer) else v)
+            for k, v in best.items()
+            if k in tune_cfg.space
+        },
+        best_score=best["best"],
+        metric=metric,
+        trials=len(rows),
         trials_stopped_early=sum(r["rounds"] < tune_cfg.num_boost_round for r in rows),
-        seconds=round(time.perf_counter() - started, 3), experiment_uri=experiment_uri,
-        results_uri=join(experiment_uri, "results.json"), table=rows,
+        seconds=round(time.perf_counter() - started, 3),
+        experiment_uri=experiment_uri,
+        results_uri=join(experiment_uri, "results.json"),
+        table=rows,
     )
     storage.write_json(result.results_uri, asdict(result))
     return result
@@ -168,17 +207,22 @@ def print_results(result: TuneResult) -> None:
 
     from jobs.summary import console
 
-    table = Table(title=f"tune: {result.trials} trials in {result.seconds:.1f} s "
-                        f"({result.trials_stopped_early} stopped early)")
+    table = Table(
+        title=f"tune: {result.trials} trials in {result.seconds:.1f} s "
+        f"({result.trials_stopped_early} stopped early)"
+    )
     columns = list(result.table[0])
     for column in columns:
         table.add_column(column)
     for row in sorted(result.table, key=lambda r: -r["best"])[:20]:
-        table.add_row(*[f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c])
-                        for c in columns])
+        table.add_row(
+            *[f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in columns]
+        )
     console.print(table)
-    console.print(f"best {result.metric}={result.best_score:.4f} with {result.best_params}; "
-                  f"results: {result.results_uri}")
+    console.print(
+        f"best {result.metric}={result.best_score:.4f} with {result.best_params}; "
+        f"results: {result.results_uri}"
+    )
 
 
 def main(
@@ -192,8 +236,12 @@ def main(
     loaded = load_config(config)
     result = tune_model(loaded, run, restore=not fresh)
     print_results(result)
-    finish_run(loaded, run, params_override=result.best_params,
-               extra_lineage={"tune": {k: v for k, v in asdict(result).items() if k != "table"}})
+    finish_run(
+        loaded,
+        run,
+        params_override=result.best_params,
+        extra_lineage={"tune": {k: v for k, v in asdict(result).items() if k != "table"}},
+    )
 
 
 if __name__ == "__main__":

@@ -87,8 +87,11 @@ def _cast(column: pa.ChunkedArray, target: str, formats: list[str]) -> pa.Chunke
     if pa.types.is_timestamp(column.type) and target == "date":
         return pc.cast(column, pa.date32())
     if pa.types.is_timestamp(column.type):
-        return pc.cast(pc.cast(column, pa.timestamp("s", tz=column.type.tz), safe=False),
-                       arrow_type) if column.type.tz else pc.cast(column, arrow_type, safe=False)
+        return (
+            pc.cast(pc.cast(column, pa.timestamp("s", tz=column.type.tz), safe=False), arrow_type)
+            if column.type.tz
+            else pc.cast(column, arrow_type, safe=False)
+        )
     return pc.cast(column, arrow_type, safe=False)
 
 
@@ -162,7 +165,8 @@ def keyed_hash(values: pa.ChunkedArray | pa.Array, key: bytes) -> pa.Array:
     """HMAC-SHA256 (truncated) of each value: joinable, not reversible without the key."""
     return pa.array(
         [
-            None if value is None
+            None
+            if value is None
             else hmac.new(key, str(value).encode(), hashlib.sha256).hexdigest()[:32]
             for value in values.to_pylist()
         ],
