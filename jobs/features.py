@@ -155,7 +155,11 @@ def feature_matrix(table: pa.Table, names: list[str]) -> np.ndarray:
 
 
 def transform(table: pa.Table, spec: FeatureSpec) -> pa.Table:
-    """Imputes, log-transforms and encodes into float32 model inputs (keeps label/split)."""
+    """Imputes, log-transforms and encodes into float32 model inputs.
+
+    The primary key, label and split pass through when present, so every row of a split can be
+    traced back to its source row.
+    """
     features = spec.features
     columns = {}
     for name in [*features.numeric, *features.time_features]:
@@ -169,7 +173,7 @@ def transform(table: pa.Table, spec: FeatureSpec) -> pa.Table:
         index = pc.index_in(pc.cast(table.column(name), pa.string()), value_set=known)
         columns[name] = pc.cast(pc.fill_null(index, len(known)), pa.float32())
     result = pa.table(columns)
-    for extra in (features.label, SPLIT):
+    for extra in (spec.source.primary_key, features.label, SPLIT):
         if extra in table.column_names:
             result = result.append_column(extra, table.column(extra))
     return result

@@ -92,21 +92,34 @@ def _probe(storage: Storage, name: str, source: SourceConfig) -> tuple[list[str]
 
 
 @ray.remote
-def _read_text_file(storage: Storage, uri: str, source: SourceConfig) -> pa.Table:
-    """Reads one CSV or JSONL file as strings; lines that do not parse become flagged rows."""
+def _read_text_file(storage: Storage, uri: str, source: SourceConfig, key: bytes) -> pa.Table:
+    """Reads one CSV or JSONL file as strings; lines that do not parse become flagged rows.
+
+    Their quarantine record never holds PII in clear: parsed rows are redacted, and a line whose
+    fields cannot be trusted (in a source with PII) keeps only its number and digest.
+    """
     raw_names = list(validate.raw_columns(source).values())
     text = storage.read_bytes(uri).decode("utf-8", errors="replace")
     columns: dict[str, list] = {name: [] for name in raw_names}
-    reasons, records = [], []
+    reasons: list[str | None] = []
+    records: list[str | None] = []
+
+    def flag(reason: str, record: str) -> None:
+        for name in raw_names:
+            columns[name].append(None)
+        reasons.append(reason)
+        records.append(record)
+
     if source.format == "csv":
-        bad_lines: list[str] = []
+        bad_lines: list[tuple[int, str]] = []
 
         def on_invalid(row) -> str:
-            bad_lines.append(f"line {row.number}: {row.text}")
+            bad_lines.append((row.number, row.text))
             return "skip"
 
         table = pacsv.read_csv(
             io.BytesIO(text.encode()),
+            read_options=pacsv.ReadOptions(use_threads=False),  # threads lose line numbers
             convert_options=pacsv.ConvertOptions(
                 column_types={name: pa.string() for name in raw_names}, include_columns=raw_names
             ),
@@ -116,12 +129,17 @@ def _read_text_file(storage: Storage, uri: str, source: SourceConfig) -> pa.Tabl
             columns[name] = table.column(name).to_pylist()
         reasons = [None] * table.num_rows
         records = [None] * table.num_rows
-        for line in bad_lines:
-            for name in raw_names:
-                columns[name].append(None)
-            reasons.append("csv: wrong number of fields")
-            records.append(line)
+        header = next(csv.reader([text.split("\n", 1)[0]]))
+        for number, line in bad_lines:
+            if source.pii:  # fields may be shifted: any of them could hold PII
+                flag("csv: wrong number of fields", validate.unparseable_record(line, number))
+                continue
+            fields = next(csv.reader([line]), [])
+            row = dict(zip(header, fields, strict=False))
+            row.update({f"_extra_{i}": v for i, v in enumerate(fields[len(header) :])})
+            flag("csv: wrong number of fields", json.dumps({**row, "_line": number}))
     else:
+        declared = {raw: source.types[std] for std, raw in validate.raw_columns(source).items()}
         for number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
@@ -130,27 +148,27 @@ def _read_text_file(storage: Storage, uri: str, source: SourceConfig) -> pa.Tabl
                 if not isinstance(row, dict):
                     raise ValueError("not an object")
             except ValueError:
-                for name in raw_names:
-                    columns[name].append(None)
-                reasons.append(f"jsonl: line {number} is not a JSON object")
-                records.append(line)
+                flag(
+                    f"jsonl: line {number} is not a JSON object",
+                    validate.unparseable_record(line, number),
+                )
                 continue
             wrong = [
-                n for n in raw_names if row.get(n) is not None and isinstance(row[n], dict | list)
+                name
+                for name in raw_names
+                if row.get(name) is not None
+                and (
+                    isinstance(row[name], dict | list)
+                    or (declared[name] == "string" and not isinstance(row[name], str))
+                )
             ]
             for name in raw_names:
                 value = row.get(name)
                 columns[name].append(None if value is None else str(value))
-            declared = {raw: source.types[std] for std, raw in validate.raw_columns(source).items()}
-            wrong += [
-                n
-                for n in raw_names
-                if declared[n] == "string"
-                and row.get(n) is not None
-                and not isinstance(row[n], str)
-            ]
             reasons.append(f"{wrong[0]}: wrong JSON type" if wrong else None)
-            records.append(line if wrong else None)
+            records.append(
+                validate.redact_record(row, source.pii, key, source.rename) if wrong else None
+            )
     result = pa.table({name: pa.array(values, pa.string()) for name, values in columns.items()})
     return (
         result.append_column(validate.PATH, pa.array([uri] * result.num_rows, pa.string()))
@@ -159,7 +177,7 @@ def _read_text_file(storage: Storage, uri: str, source: SourceConfig) -> pa.Tabl
     )
 
 
-def _read(storage: Storage, source: SourceConfig, files: list[str]) -> ray.data.Dataset:
+def _read(storage: Storage, source: SourceConfig, files: list[str], key: bytes) -> ray.data.Dataset:
     if source.format == "parquet":
         fs, _ = storage.filesystem(files[0])
         paths = [uri.removeprefix("s3://") for uri in files]
@@ -167,7 +185,9 @@ def _read(storage: Storage, source: SourceConfig, files: list[str]) -> ray.data.
         return ray.data.read_parquet(
             paths, filesystem=fs, include_paths=True, partitioning=None
         ).select_columns([*columns, validate.PATH])
-    return ray.data.from_arrow_refs([_read_text_file.remote(storage, uri, source) for uri in files])
+    return ray.data.from_arrow_refs(
+        [_read_text_file.remote(storage, uri, source, key) for uri in files]
+    )
 
 
 def validate_batch(
@@ -222,8 +242,14 @@ def _duplicate_positions(column: str, *blocks: pa.Table) -> list[np.ndarray]:
 
 
 @ray.remote(num_returns=3)
-def _partition(block: pa.Table, name: str, duplicates: list[tuple[str, np.ndarray]]):
-    """Splits one block into good rows and quarantine rows, and counts both."""
+def _partition(
+    block: pa.Table, name: str, duplicates: list[tuple[str, np.ndarray]], own_columns: list[str]
+):
+    """Splits one block into good rows and quarantine rows, and counts both.
+
+    Rows flagged here (duplicates) are already standardized, PII included; their record is the
+    source's own standardized columns, marked as such, without the joined ones.
+    """
     reasons = block.column(validate.REASON).combine_chunks()
     for column, positions in duplicates:
         if len(positions):
@@ -238,9 +264,12 @@ def _partition(block: pa.Table, name: str, duplicates: list[tuple[str, np.ndarra
     bad_reasons = reasons.filter(bad_mask)
     records = bad.column(validate.RECORD)
     missing = pc.is_null(records)
-    if pc.any(missing).as_py():  # rows flagged late (duplicates) have no raw record yet
-        payload = bad.drop_columns([validate.PATH, validate.REASON, validate.RECORD]).to_pylist()
-        fallback = pa.array([json.dumps(row, default=str) for row in payload], pa.string())
+    if pc.any(missing).as_py():
+        payload = bad.select([c for c in own_columns if c in bad.column_names]).to_pylist()
+        fallback = pa.array(
+            [json.dumps({**row, "_standardized": True}, default=str) for row in payload],
+            pa.string(),
+        )
         records = pc.coalesce(records, fallback)
     quarantine = pa.table(
         [
@@ -281,7 +310,7 @@ def _ingest_source(
 ) -> tuple[SourceReport, list]:
     source = config.sources[name]
     report = SourceReport(name=name, files=len(files) + len(bad_files), bad_files=bad_files)
-    dataset = _read(storage, source, files).map_batches(
+    dataset = _read(storage, source, files, key).map_batches(
         validate_batch,
         batch_format="pyarrow",
         batch_size=None,
@@ -294,13 +323,16 @@ def _ingest_source(
         },
     )
     blocks = dataset.materialize().to_arrow_refs()
+    own_columns = [*source.types, *([source.currency.output] if source.currency else [])]
     duplicates = []
     for rule in source.rules:
         if isinstance(rule, Unique):
             positions = ray.get(_duplicate_positions.remote(rule.column, *blocks))
             duplicates.append((rule.column, positions))
     parts = [
-        _partition.remote(block, name, [(column, pos[i]) for column, pos in duplicates])
+        _partition.remote(
+            block, name, [(column, pos[i]) for column, pos in duplicates], own_columns
+        )
         for i, block in enumerate(blocks)
     ]
     good_refs = [part[0] for part in parts]

@@ -93,7 +93,10 @@ def predict(
         "csv": ray.data.read_csv,
         "jsonl": ray.data.read_json,
     }
-    dataset = reader[source.format](files, filesystem=fs)
+    # Read before the scoring actors take their CPUs: Ray Data lists files in a 1-CPU task, and
+    # with the actors started first that task never runs when something else (Serve replicas, a
+    # training job) holds the remaining CPUs; the job then hangs without an error.
+    dataset = reader[source.format](files, filesystem=fs).materialize()
     scored = dataset.map_batches(
         BundleScorer,
         fn_constructor_kwargs={

@@ -186,23 +186,33 @@ def apply_pii(table: pa.Table, pii: dict[str, str], key: bytes) -> pa.Table:
     return table
 
 
+def redact_record(row: dict, pii: dict[str, str], key: bytes, rename: dict[str, str]) -> str:
+    """A quarantined row as JSON with its PII hashed or dropped (by raw or standard name)."""
+    for column, action in pii.items():
+        for name in {column, *(raw for raw, standard in rename.items() if standard == column)}:
+            if name not in row:
+                continue
+            if action == "drop":
+                row.pop(name)
+            elif row[name] is not None:
+                row[name] = hmac.new(key, str(row[name]).encode(), hashlib.sha256).hexdigest()[:32]
+    return json.dumps(row, default=str)
+
+
+def unparseable_record(line: str, number: int) -> str:
+    """A line that cannot be parsed may hold PII anywhere: keep only where it was and its digest."""
+    digest = hashlib.sha256(line.encode()).hexdigest()
+    return json.dumps({"line": number, "bytes": len(line.encode()), "sha256": digest})
+
+
 def quarantine_records(
     raw: pa.Table, reasons: pa.Array, pii: dict[str, str], key: bytes, rename: dict[str, str]
 ) -> pa.Array:
     """The raw row as JSON for each failing row (PII already hashed or dropped), else null."""
     failing = np.flatnonzero(pc.is_valid(reasons).to_numpy(zero_copy_only=False))
     records: list[str | None] = [None] * raw.num_rows
-    if len(failing):
-        for index, row in zip(failing, raw.take(pa.array(failing)).to_pylist(), strict=True):
-            for column, action in pii.items():
-                raw_name = next((r for r, s in rename.items() if s == column), column)
-                if raw_name in row:
-                    if action == "drop":
-                        row.pop(raw_name)
-                    elif row[raw_name] is not None:
-                        digest = hmac.new(key, str(row[raw_name]).encode(), hashlib.sha256)
-                        row[raw_name] = digest.hexdigest()[:32]
-            records[index] = json.dumps(row, default=str)
+    for index, row in zip(failing, raw.take(pa.array(failing)).to_pylist(), strict=True):
+        records[index] = redact_record(row, pii, key, rename)
     return pa.array(records, pa.string())
 
 

@@ -311,11 +311,6 @@ def test_malformed_csv_line_is_counted_and_quarantined(ingested, corrupted):
     assert after.reasons.get("csv: wrong number of fields") == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="jobs/ingest.py _read_text_file keeps the raw text of a malformed CSV line (and of "
-    "unparseable / wrongly typed JSONL lines) as the quarantine record, PII columns unhashed",
-)
 def test_no_raw_email_in_quarantine_of_malformed_lines(corrupted):
     assert_no_raw_email(corrupted[2])
 

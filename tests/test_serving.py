@@ -220,6 +220,7 @@ def test_concurrent_bad_request_does_not_spoil_its_batch(served, records):
             assert response.json()["predictions"][0]["score"] == pytest.approx(expected[i], abs=1e-6)
 
 
+@pytest.mark.timeout(300)  # batch predict once hung here while Serve held half the CPUs
 def test_parity_http_in_process_and_batch(served, bundle, raw_records, records, tmp_path):
     config, url = served
     online = http_scores(url, records)
