@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 import typer
+from ray.data.expressions import col
 
 from jobs.config import Config, load_config
 from jobs.features import enrich, feature_matrix, transform
@@ -110,8 +111,10 @@ def predict(
         concurrency=actors,
         num_cpus=1,
     ).materialize()
-    valid = scored.filter(expr="reason is null").drop_columns(["reason"])
-    invalid = scored.filter(expr="reason is not null")
+    # Predicate expressions: Ray 2.60's string expressions reject `is null` ("Unsupported
+    # comparison operator: Is"), so the string form never ran.
+    valid = scored.filter(expr=col("reason").is_null()).drop_columns(["reason"])
+    invalid = scored.filter(expr=col("reason").is_not_null())
     out_fs, out_path = storage.filesystem(output_uri)
     valid.write_parquet(join(out_path, "predictions"), filesystem=out_fs)
     invalid.write_parquet(join(out_path, "quarantine"), filesystem=out_fs)

@@ -97,7 +97,8 @@ class ModelServer:
             end = start + len(request)
             errors = [{"index": i - start, "reason": reasons[i]} for i in range(start, end)
                       if reasons[i] is not None]
-            predictions = [{"score": float(scores[i]), "label": int(scores[i] >= self.bundle.threshold)}
+            threshold = self.bundle.threshold
+            predictions = [{"score": float(scores[i]), "label": int(scores[i] >= threshold)}
                            for i in range(start, end)]
             results.append({"errors": errors, "predictions": predictions, **self.info()})
             start = end
@@ -113,16 +114,22 @@ def build_app(config: Config, loader: BundleLoader | None = None):
     record = record_model(spec)
     request_model = create_model(
         "PredictRequest", __config__=ConfigDict(extra="forbid"),
-        records=(list[record], Field(..., min_length=1, max_length=serve_cfg.max_records_per_request)),
+        records=(list[record],
+                 Field(..., min_length=1, max_length=serve_cfg.max_records_per_request)),
     )
     api = FastAPI(title="rayline", description="Scores raw records with the registered model.")
 
     batched = serve.batch(max_batch_size=serve_cfg.max_batch_size,
                           batch_wait_timeout_s=serve_cfg.batch_wait_timeout_s)(ModelServer.score)
+    # Serve admits 5 requests per replica by default, which capped every @serve.batch call at
+    # 5 requests whatever max_batch_size said (Serve logs a warning saying so).
+    ongoing = max(serve_cfg.max_batch_size, 5)
     model = serve.deployment(type("ModelServer", (ModelServer,), {"score": batched}),
-                             ray_actor_options={"num_cpus": serve_cfg.replica_cpus})
+                             ray_actor_options={"num_cpus": serve_cfg.replica_cpus},
+                             max_ongoing_requests=ongoing)
 
-    @serve.deployment(ray_actor_options={"num_cpus": serve_cfg.replica_cpus})
+    @serve.deployment(ray_actor_options={"num_cpus": serve_cfg.replica_cpus},
+                      max_ongoing_requests=ongoing)
     @serve.ingress(api)
     class Ingress:
         def __init__(self, model_handle: DeploymentHandle):

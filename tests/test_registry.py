@@ -55,8 +55,9 @@ def copy(pipeline_run, tmp_path):
 def publish_again(storage: Storage, registry_uri: str, name: str, result) -> int:
     """Publishes the shared run once more, with the first version's threshold and lineage."""
     first = load_bundle(storage, registry_uri, name, 1)
-    return publish(storage, registry_uri, name, result.run_uri, first.threshold, result.metrics,
-                   first.lineage)
+    return publish(
+        storage, registry_uri, name, result.run_uri, first.threshold, result.metrics, first.lineage
+    )
 
 
 def test_pipeline_publishes_version_one_as_production(shared):
@@ -82,8 +83,11 @@ def test_load_bundle_returns_model_spec_lookups_and_threshold(shared):
     run_spec = json.loads(Path(result.run_uri, "features", "feature_spec.json").read_text())
     assert bundle.spec == FeatureSpec.model_validate(run_spec)
 
-    run_lookups = {p.stem for p in Path(result.run_uri, "features", "lookups").iterdir()
-                   if not p.name.startswith((".", "_"))}
+    run_lookups = {
+        p.stem
+        for p in Path(result.run_uri, "features", "lookups").iterdir()
+        if not p.name.startswith((".", "_"))
+    }
     assert set(bundle.lookups) == run_lookups
     assert {j.source for j in bundle.spec.joins} | {"history"} <= set(bundle.lookups)
     for lookup_name, table in bundle.lookups.items():
@@ -99,7 +103,8 @@ def test_load_bundle_returns_model_spec_lookups_and_threshold(shared):
     # The loaded model really is a model: it scores a feature matrix into probabilities.
     rng = np.random.default_rng(0)
     scores = bundle.booster.inplace_predict(
-        rng.normal(size=(50, len(bundle.spec.feature_names))).astype(np.float32))
+        rng.normal(size=(50, len(bundle.spec.feature_names))).astype(np.float32)
+    )
     assert scores.shape == (50,) and np.all((scores >= 0) & (scores <= 1))
 
 
@@ -199,8 +204,15 @@ def test_crash_while_publishing_changes_nothing_visible(copy):
     first = load_bundle(storage, registry_uri, name, 1)
 
     with pytest.raises(OSError, match="simulated crash"):
-        publish(CrashOnManifest(storage.s3), registry_uri, name, result.run_uri, first.threshold,
-                result.metrics, first.lineage)
+        publish(
+            CrashOnManifest(storage.s3),
+            registry_uri,
+            name,
+            result.run_uri,
+            first.threshold,
+            result.metrics,
+            first.lineage,
+        )
 
     half = version_dir(registry_uri, name, 2)
     assert (half / "model.ubj").exists(), "the crash should come after the data files"
@@ -240,8 +252,14 @@ def test_bundle_files_are_data_not_pickle(shared):
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(COLUMNS="200", NO_COLOR="1")
-    return subprocess.run([sys.executable, "-m", "jobs.registry", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "jobs.registry", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def table_rows(output: str) -> dict[int, str]:

@@ -13,12 +13,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import requests
-from tests.conftest import free_port
 
 from jobs.features import online_source
 from jobs.predict import predict, score_records
 from jobs.registry import load_bundle
 from jobs.storage import Storage, join
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -66,8 +66,13 @@ def raw_records(sample_data, bundle) -> pa.Table:
 
 def to_http(raw: pa.Table) -> list[dict]:
     """The same records under the standardized names the HTTP API takes."""
-    names = {"txn_id": "transaction_id", "cust_id": "customer_id", "merchant": "merchant_id",
-             "ccy": "currency", "event_time": "timestamp"}
+    names = {
+        "txn_id": "transaction_id",
+        "cust_id": "customer_id",
+        "merchant": "merchant_id",
+        "ccy": "currency",
+        "event_time": "timestamp",
+    }
     return [{names.get(k, k): v for k, v in row.items()} for row in raw.to_pylist()]
 
 
@@ -157,8 +162,9 @@ def test_unknown_fields_are_422(served, records):
     response = post(url, [{**records[0], "favourite_colour": "blue"}])
     assert response.status_code == 422, response.text
     assert ["body", "records", 0, "favourite_colour"] in error_locs(response)
-    response = requests.post(f"{url}/predict", json={"records": records[:1], "debug": True},
-                             timeout=TIMEOUT)
+    response = requests.post(
+        f"{url}/predict", json={"records": records[:1], "debug": True}, timeout=TIMEOUT
+    )
     assert response.status_code == 422, response.text
     assert ["body", "debug"] in error_locs(response)
 
@@ -217,7 +223,9 @@ def test_concurrent_bad_request_does_not_spoil_its_batch(served, records):
             assert error_locs(response) == [["body", "records", 0, "currency"]]
         else:
             assert response.status_code == 200, response.text
-            assert response.json()["predictions"][0]["score"] == pytest.approx(expected[i], abs=1e-6)
+            assert response.json()["predictions"][0]["score"] == pytest.approx(
+                expected[i], abs=1e-6
+            )
 
 
 @pytest.mark.timeout(300)  # batch predict once hung here while Serve held half the CPUs
@@ -235,14 +243,22 @@ def test_parity_http_in_process_and_batch(served, bundle, raw_records, records, 
     http_table, reasons = score_records(bundle, records_table(validated, bundle.spec))
     assert reasons.null_count == len(records)
 
-    # Batch, from a parquet file in the fact source's raw column names.
+    # Batch, from a parquet file in the fact source's raw column names, plus one bad row that
+    # must be quarantined with its reason rather than scored or dropped.
+    bad = raw_records.slice(0, 1).to_pylist()[0] | {"txn_id": "BAD-1", "ccy": "XXX"}
+    batch_input = pa.concat_tables([raw_records, pa.Table.from_pylist([bad], raw_records.schema)])
     (tmp_path / "input").mkdir()
-    pq.write_table(raw_records, tmp_path / "input" / "part-0.parquet")
+    pq.write_table(batch_input, tmp_path / "input" / "part-0.parquet")
     result = predict(config, str(tmp_path / "input"), str(tmp_path / "output"))
-    assert (result.rows_in, result.rows_scored, result.rows_quarantined) == (len(records), len(records), 0)
+    counts = (result.rows_in, result.rows_scored, result.rows_quarantined)
+    assert counts == (len(records) + 1, len(records), 1)
     assert result.version == bundle.version
+    quarantined = pq.read_table(result.quarantine_uri).to_pylist()
+    assert [(row["transaction_id"], row["label"]) for row in quarantined] == [("BAD-1", -1)]
+    assert quarantined[0]["reason"].startswith("currency")
     scored = pq.read_table(result.output_uri).to_pylist()
     by_id = {row["transaction_id"]: row for row in scored}
+    assert set(by_id) == {r["transaction_id"] for r in records}
     batch = np.array([by_id[r["transaction_id"]]["score"] for r in records])
     batch_labels = [by_id[r["transaction_id"]]["label"] for r in records]
 
