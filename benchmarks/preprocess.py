@@ -90,7 +90,8 @@ def run_rayline(config: Config, out: Path) -> tuple[dict[str, float], dict]:
     for label in ("cold", "warm"):
         started = time.perf_counter()
         ingested = ingest(config, str(out / label))
-        built = build_features(config, str(out / label))
+        # As jobs.pipeline does: the clean blocks pass to features in Ray's object store.
+        built = build_features(config, str(out / label), blocks=ingested.fact_blocks)
         seconds[f"rayline_{label}"] = time.perf_counter() - started
     ray.shutdown()
     fields = ("rows_in", "rows_out", "rows_quarantined", "reasons")

@@ -59,6 +59,7 @@ class IngestResult:
     run_uri: str
     output_uri: str
     sources: dict[str, SourceReport]
+    fact_blocks: list = field(default_factory=list, repr=False)  # in-memory handoff to features
 
 
 def _probe(storage: Storage, name: str, source: SourceConfig) -> tuple[list[str], dict[str, str]]:
@@ -91,7 +92,6 @@ def _probe(storage: Storage, name: str, source: SourceConfig) -> tuple[list[str]
     return good, bad
 
 
-@ray.remote
 def _read_text_file(storage: Storage, uri: str, source: SourceConfig, key: bytes) -> pa.Table:
     """Reads one CSV or JSONL file as strings; lines that do not parse become flagged rows.
 
@@ -170,24 +170,33 @@ def _read_text_file(storage: Storage, uri: str, source: SourceConfig, key: bytes
                 validate.redact_record(row, source.pii, key, source.rename) if wrong else None
             )
     result = pa.table({name: pa.array(values, pa.string()) for name, values in columns.items()})
-    return (
-        result.append_column(validate.PATH, pa.array([uri] * result.num_rows, pa.string()))
-        .append_column(validate.REASON, pa.array(reasons, pa.string()))
-        .append_column(validate.RECORD, pa.array(records, pa.string()))
+    return result.append_column(validate.REASON, pa.array(reasons, pa.string())).append_column(
+        validate.RECORD, pa.array(records, pa.string())
     )
 
 
-def _read(storage: Storage, source: SourceConfig, files: list[str], key: bytes) -> ray.data.Dataset:
+@ray.remote
+def _ingest_file(
+    storage: Storage,
+    uri: str,
+    source: SourceConfig,
+    key: bytes,
+    reference_keys: dict[str, pa.Array],
+    dimensions: list[tuple[str, str, pa.Table]],
+) -> pa.Table:
+    """Reads one file and validates it in the same task: one block per file, no extra hop.
+
+    Measured on 2M rows in 30 parquet files: `ray.data.read_parquet` planned a single read task
+    for all 30 files and spent ~3 s listing them, so the validation ran on one CPU (6.6 s);
+    a task per file keeps every CPU busy and knows which file each quarantined row came from.
+    """
     if source.format == "parquet":
-        fs, _ = storage.filesystem(files[0])
-        paths = [uri.removeprefix("s3://") for uri in files]
-        columns = list(validate.raw_columns(source).values())
-        return ray.data.read_parquet(
-            paths, filesystem=fs, include_paths=True, partitioning=None
-        ).select_columns([*columns, validate.PATH])
-    return ray.data.from_arrow_refs(
-        [_read_text_file.remote(storage, uri, source, key) for uri in files]
-    )
+        fs, path = storage.filesystem(uri)
+        columns = list(dict.fromkeys(validate.raw_columns(source).values()))
+        batch = pq.read_table(path, filesystem=fs, columns=columns, use_threads=False)
+    else:
+        batch = _read_text_file(storage, uri, source, key)
+    return validate_batch(batch, source, key, reference_keys, dimensions, uri)
 
 
 def validate_batch(
@@ -196,9 +205,10 @@ def validate_batch(
     key: bytes,
     reference_keys: dict[str, pa.Array],
     dimensions: list[tuple[str, str, pa.Table]],
+    path: str,
 ) -> pa.Table:
     """Standardize + row rules + PII + joins for one Arrow batch; failing rows keep a reason."""
-    extra = [validate.PATH, validate.REASON, validate.RECORD]
+    extra = [validate.REASON, validate.RECORD]
     raw = batch.drop_columns([c for c in extra if c in batch.column_names])
     table, reasons = validate.standardize(raw, source)
     if validate.REASON in batch.column_names:
@@ -208,10 +218,13 @@ def validate_batch(
     if validate.RECORD in batch.column_names:
         records = pc.coalesce(batch.column(validate.RECORD), records)
     table = validate.apply_pii(table, source.pii, key)
-    paths = batch.column(validate.PATH) if validate.PATH in batch.column_names else None
-    table = table.append_column(validate.PATH, paths or pa.nulls(table.num_rows, pa.string()))
     table = table.append_column(validate.REASON, reasons).append_column(validate.RECORD, records)
-    return validate.join_dimensions(table, dimensions)
+    table = validate.join_dimensions(table, dimensions)
+    # One file per batch: its path as a one-entry dictionary costs 4 bytes a row, not 70.
+    indices = pa.array(np.zeros(table.num_rows, np.int32))
+    return table.append_column(
+        validate.PATH, pa.DictionaryArray.from_arrays(indices, pa.array([path]))
+    )
 
 
 @ray.remote
@@ -274,7 +287,7 @@ def _partition(
     quarantine = pa.table(
         [
             pa.array([name] * bad.num_rows, pa.string()),
-            bad.column(validate.PATH),
+            pc.cast(bad.column(validate.PATH), pa.string()),
             bad_reasons,
             records,
         ],
@@ -310,19 +323,10 @@ def _ingest_source(
 ) -> tuple[SourceReport, list]:
     source = config.sources[name]
     report = SourceReport(name=name, files=len(files) + len(bad_files), bad_files=bad_files)
-    dataset = _read(storage, source, files, key).map_batches(
-        validate_batch,
-        batch_format="pyarrow",
-        batch_size=None,
-        zero_copy_batch=True,
-        fn_kwargs={
-            "source": source,
-            "key": key,
-            "reference_keys": reference_keys,
-            "dimensions": dimensions,
-        },
-    )
-    blocks = dataset.materialize().to_arrow_refs()
+    references, tables = ray.put(reference_keys), ray.put(dimensions)
+    blocks = [
+        _ingest_file.remote(storage, uri, source, key, references, tables) for uri in files
+    ]
     own_columns = [*source.types, *([source.currency.output] if source.currency else [])]
     duplicates = []
     for rule in source.rules:
@@ -393,11 +397,13 @@ def ingest(
         reports[name] = report
         if name != config.fact:
             tables[name] = pa.concat_tables(ray.get(good_refs))
+        else:
+            fact_blocks = good_refs
     storage.write_json(
         join(run_uri, "ingest", "_report.json"),
         {name: asdict(report) for name, report in reports.items()},
     )
-    return IngestResult(run_uri, reports[config.fact].output_uri, reports)
+    return IngestResult(run_uri, reports[config.fact].output_uri, reports, fact_blocks)
 
 
 def main(config: str = typer.Option(..., help="Path to the pipeline config YAML")) -> None:

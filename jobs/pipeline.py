@@ -117,7 +117,9 @@ def run_pipeline(
     seconds = {"ray_start": init_ray(config)}
     run_uri = join(config.storage, "runs", new_run_id())
     ingested = _timed(seconds, "ingest", ingest, config, run_uri, storage)
-    features = _timed(seconds, "features", build_features, config, run_uri, storage)
+    features = _timed(
+        seconds, "features", build_features, config, run_uri, storage, ingested.fact_blocks
+    )
     if not quiet:
         summary.print_ingest(ingested)
         summary.print_features(features)

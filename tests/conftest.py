@@ -22,6 +22,24 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 os.environ.setdefault("RAYLINE_PII_KEY", "test-pii-key")
 
+
+def _session_auth_token() -> None:
+    """Token auth stays on (Ray 2.60's default) with a token of our own, so ~/.ray is untouched."""
+    import secrets
+    import tempfile
+
+    if "RAY_AUTH_TOKEN_PATH" in os.environ or "RAY_AUTH_TOKEN" in os.environ:
+        return
+    folder = tempfile.mkdtemp(prefix="rayline-auth-")
+    path = Path(folder, "auth_token")
+    path.write_text(secrets.token_hex(32))
+    path.chmod(0o600)
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(path)
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
+_session_auth_token()
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_ROWS = 20_000
 
