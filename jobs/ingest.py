@@ -23,7 +23,15 @@ import typer
 
 from jobs import validate
 from jobs.config import Config, SourceConfig, Unique, load_config
-from jobs.runtime import fingerprint, init_ray, new_run_id, pii_key, table_hash
+from jobs.runtime import (
+    Stopwatch,
+    fingerprint,
+    init_ray,
+    new_run_id,
+    pii_key,
+    table_hash,
+    write_parquet_blocks,
+)
 from jobs.storage import Storage, StorageError, join
 
 QUARANTINE_SCHEMA = pa.schema(
@@ -52,6 +60,7 @@ class SourceReport:
     output_uri: str = ""
     quarantine_uri: str = ""
     fingerprint: dict = field(default_factory=dict)
+    seconds: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -175,7 +184,7 @@ def _read_text_file(storage: Storage, uri: str, source: SourceConfig, key: bytes
     )
 
 
-@ray.remote
+@ray.remote(num_returns=2)
 def _ingest_file(
     storage: Storage,
     uri: str,
@@ -183,8 +192,11 @@ def _ingest_file(
     key: bytes,
     reference_keys: dict[str, pa.Array],
     dimensions: list[tuple[str, str, pa.Table]],
-) -> pa.Table:
+) -> tuple[pa.Table, pa.Table]:
     """Reads one file and validates it in the same task: one block per file, no extra hop.
+
+    Also returns 64-bit hashes of the `unique` columns, so the global duplicate check moves
+    8 bytes a row instead of whole blocks.
 
     Measured on 2M rows in 30 parquet files: `ray.data.read_parquet` planned a single read task
     for all 30 files and spent ~3 s listing them, so the validation ran on one CPU (6.6 s);
@@ -196,7 +208,9 @@ def _ingest_file(
         batch = pq.read_table(path, filesystem=fs, columns=columns, use_threads=False)
     else:
         batch = _read_text_file(storage, uri, source, key)
-    return validate_batch(batch, source, key, reference_keys, dimensions, uri)
+    block = validate_batch(batch, source, key, reference_keys, dimensions, uri)
+    unique = [rule.column for rule in source.rules if isinstance(rule, Unique)]
+    return block, _key_hashes(block, unique)
 
 
 def validate_batch(
@@ -227,31 +241,58 @@ def validate_batch(
     )
 
 
+def _key_hashes(block: pa.Table, columns: list[str]) -> pa.Table:
+    """64-bit hashes of each `unique` column, null where the row is invalid or the key null."""
+    valid = pc.is_null(block.column(validate.REASON))
+    hashes = {}
+    for column in columns:
+        hashed = pa.array(pl.Series(block.column(column)).hash(seed=0).to_numpy())
+        usable = pc.and_(valid, pc.is_valid(block.column(column)))
+        hashes[column] = pc.if_else(usable, hashed, None)
+    return pa.table(hashes) if hashes else pa.table({})
+
+
 @ray.remote
-def _duplicate_positions(column: str, *blocks: pa.Table) -> list[np.ndarray]:
-    """Positions of rows whose key already appeared in an earlier valid row (first one wins)."""
-    if not blocks:
-        return []
-    frame = pl.DataFrame(
-        {
-            "key": pl.from_arrow(pa.chunked_array([b.column(column) for b in blocks])),
-            "valid": pl.from_arrow(
-                pa.chunked_array([pc.is_null(b.column(validate.REASON)) for b in blocks])
-            ),
-        }
+def _repeated_hashes(column: str, *hashes: pa.Table) -> np.ndarray:
+    """Hashes seen more than once among valid rows: a small superset of the duplicate keys."""
+    values = pa.chunked_array([h.column(column) for h in hashes]).drop_null().to_numpy()
+    unique, counts = np.unique(values, return_counts=True)
+    return unique[counts > 1]
+
+
+@ray.remote
+def _candidates(block: pa.Table, hashes: pa.Table, column: str, repeated: np.ndarray):
+    """(positions, keys) of the rows whose hash is repeated somewhere; few rows, exact keys."""
+    mask = pc.fill_null(pc.is_in(hashes.column(column), value_set=pa.array(repeated)), False)
+    positions = np.flatnonzero(mask.to_numpy(zero_copy_only=False))
+    return positions, block.column(column).take(pa.array(positions)).to_pylist()
+
+
+def duplicate_positions(blocks: list, hashes: list, column: str) -> list[np.ndarray]:
+    """Per block, positions of valid rows whose key already appeared earlier (first one wins).
+
+    Exact, and cheap at scale: each file's task hashed its keys to 64 bits in parallel; one task
+    finds the repeated hashes, and only rows carrying those have their string keys compared.
+    """
+    repeated = ray.get(_repeated_hashes.remote(column, *hashes))
+    if len(repeated) == 0:
+        return [np.array([], np.int64) for _ in blocks]
+    found = ray.get(
+        [
+            _candidates.remote(block, hashed, column, repeated)
+            for block, hashed in zip(blocks, hashes, strict=True)
+        ]
     )
-    # Among valid rows, every occurrence of a key after the first is a duplicate.
-    duplicated = (
-        frame.select(
-            pl.col("valid")
-            & pl.col("key").is_not_null()
-            & ~pl.when(pl.col("valid")).then(pl.col("key")).is_first_distinct()
-        )
-        .to_series()
-        .to_numpy()
-    )
-    offsets = np.cumsum([0] + [b.num_rows for b in blocks])
-    return [np.flatnonzero(duplicated[offsets[i] : offsets[i + 1]]) for i in range(len(blocks))]
+    seen: set = set()
+    result = []
+    for positions, keys in found:
+        duplicated = []
+        for position, key in zip(positions, keys, strict=True):
+            if key in seen:
+                duplicated.append(position)
+            seen.add(key)
+        result.append(np.array(duplicated, np.int64))
+    return result
 
 
 @ray.remote(num_returns=3)
@@ -302,14 +343,6 @@ def _partition(
     return good, quarantine, stats
 
 
-def _write(storage: Storage, refs: list, uri: str, schema: pa.Schema) -> None:
-    fs, path = storage.filesystem(uri)
-    if not refs:
-        storage.write_table(join(uri, "part-0.parquet"), schema.empty_table())
-        return
-    ray.data.from_arrow_refs(refs).write_parquet(path, filesystem=fs)
-
-
 def _ingest_source(
     config: Config,
     storage: Storage,
@@ -323,15 +356,17 @@ def _ingest_source(
 ) -> tuple[SourceReport, list]:
     source = config.sources[name]
     report = SourceReport(name=name, files=len(files) + len(bad_files), bad_files=bad_files)
+    clock = Stopwatch(report.seconds)
     references, tables = ray.put(reference_keys), ray.put(dimensions)
-    blocks = [
-        _ingest_file.remote(storage, uri, source, key, references, tables) for uri in files
-    ]
+    outputs = [_ingest_file.remote(storage, uri, source, key, references, tables) for uri in files]
+    blocks, keys = [output[0] for output in outputs], [output[1] for output in outputs]
+    ray.wait(blocks, num_returns=len(blocks), fetch_local=False)
+    clock.lap("read_validate")
     own_columns = [*source.types, *([source.currency.output] if source.currency else [])]
     duplicates = []
     for rule in source.rules:
         if isinstance(rule, Unique):
-            positions = ray.get(_duplicate_positions.remote(rule.column, *blocks))
+            positions = duplicate_positions(blocks, keys, rule.column)
             duplicates.append((rule.column, positions))
     parts = [
         _partition.remote(
@@ -341,7 +376,9 @@ def _ingest_source(
     ]
     good_refs = [part[0] for part in parts]
     quarantine_refs = [part[1] for part in parts]
+    clock.lap("unique")
     stats = ray.get([part[2] for part in parts])
+    clock.lap("partition")
     report.rows_in = sum(s["rows"] for s in stats)
     for s in stats:
         for reason, count in s["reasons"].items():
@@ -352,8 +389,11 @@ def _ingest_source(
     report.fingerprint = fingerprint(schema, report.rows_out, sum(s["hash"] for s in stats))
     report.output_uri = join(run_uri, "ingest", name)
     report.quarantine_uri = join(run_uri, "quarantine", name)
-    _write(storage, good_refs, report.output_uri, schema)
-    _write(storage, quarantine_refs, join(report.quarantine_uri, "rows"), QUARANTINE_SCHEMA)
+    write_parquet_blocks(storage, good_refs, report.output_uri, schema)
+    write_parquet_blocks(
+        storage, quarantine_refs, join(report.quarantine_uri, "rows"), QUARANTINE_SCHEMA
+    )
+    clock.lap("write")
     for uri, error in bad_files.items():
         file_name = uri.rstrip("/").replace("/", "__").replace(":", "")
         storage.write_bytes(
