@@ -95,6 +95,9 @@ class PiiConfig(Strict):
     """Where the key for hashing PII comes from; the columns are declared per source."""
 
     key_env: str = "RAYLINE_PII_KEY"
+    allow_demo_key: bool = Field(
+        False, description="hash with a public key when key_env is unset (sample data only)"
+    )
 
 
 class SplitConfig(Strict):

@@ -161,13 +161,20 @@ if __name__ == "__main__":
 def promotion_gate(config: Config, run_uri: str, candidate: dict, storage: Storage) -> dict:
     """Promote only if the candidate beats production on the same test rows by the margin."""
     from jobs.features import feature_matrix, transform
-    from jobs.registry import BundleError, load_bundle
+    from jobs.registry import BundleError, get_alias, load_bundle
 
     rule = config.evaluate.promotion
+    registry_uri = join(config.storage, "registry")
+    if get_alias(storage, registry_uri, config.name, "production") is None:
+        return {"promote": True, "reason": "no production model yet"}
     try:
-        production = load_bundle(storage, join(config.storage, "registry"), config.name)
-    except BundleError as error:
-        return {"promote": True, "reason": f"no usable production model ({error})"}
+        production = load_bundle(storage, registry_uri, config.name)
+    except BundleError as error:  # never replace a model we could not compare against
+        return {
+            "promote": False,
+            "reason": f"production cannot be loaded ({error}); "
+            "fix it or promote by hand with `rayline models promote`",
+        }
     test_raw = storage.read_table_dir(join(run_uri, "features", "test_raw"))
     spec = production.spec
     needed = [*spec.features.numeric, *spec.features.time_features, *spec.features.categorical]
@@ -193,6 +200,10 @@ def promotion_gate(config: Config, run_uri: str, candidate: dict, storage: Stora
         "candidate": new,
         "production": old,
         "metric": rule.metric,
-        "reason": f"candidate {rule.metric} {new:.4f} {verdict} production "
-        f"v{production.version} {old:.4f} + margin {rule.min_improvement}",
+        "reason": f"candidate {rule.metric} {_number(new)} {verdict} production "
+        f"v{production.version} {_number(old)} + margin {rule.min_improvement}",
     }
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"

@@ -30,7 +30,6 @@ STATE = ["state_count", "state_amount_sum", "state_last_ts"]
 SPLITS = ("train", "valid", "test")
 SPLIT = "split"
 UNIFORM = "_u"
-ROW = "_row"
 
 
 class FeatureSpec(BaseModel):
@@ -102,9 +101,9 @@ def history_state(table: pa.Table, features: FeaturesConfig) -> pa.Table:
             }
         )
         .group_by(history.entity)
-        .aggregate([("amount", "count"), ("amount", "sum"), ("ts", "max")])
+        .aggregate([([], "count_all"), ("amount", "sum"), ("ts", "max")])
     )
-    names = {"amount_count": STATE[0], "amount_sum": STATE[1], "ts_max": STATE[2]}
+    names = {"count_all": STATE[0], "amount_sum": STATE[1], "ts_max": STATE[2]}
     return grouped.rename_columns([names.get(c, c) for c in grouped.column_names]).select(
         [history.entity, *STATE]
     )
@@ -113,7 +112,7 @@ def history_state(table: pa.Table, features: FeaturesConfig) -> pa.Table:
 def history_from_state(records: pa.Table, state: pa.Table, features: FeaturesConfig) -> pa.Table:
     """History features for new events from the stored state (same definitions as batch)."""
     history = features.history
-    joined = records.join(state, keys=history.entity, join_type="left outer")
+    joined = validate.join_dimensions(records, [(history.entity, "", state)])
     count = pc.fill_null(pc.cast(joined.column("state_count"), pa.float64()), 0.0)
     has_prior = pc.greater(count, 0)
     mean = pc.if_else(has_prior, pc.divide(joined.column("state_amount_sum"), count), None)
@@ -259,12 +258,10 @@ def enrich(
     source = online_source(spec.source, spec.features.label, raw_names)
     table, reasons = validate.standardize(records, source)
     reasons = validate.check_rows(table, source, reasons)
-    table = table.append_column(ROW, pa.array(np.arange(table.num_rows)))
     dimensions = [(j.key, j.prefix, lookups[j.source]) for j in spec.joins]
     table = validate.join_dimensions(table, dimensions)
     if spec.features.history:
         table = history_from_state(table, lookups["history"], spec.features)
-    table = table.sort_by(ROW).drop_columns([ROW])  # joins do not keep row order
     return derive(table, spec.features), reasons
 
 

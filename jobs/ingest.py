@@ -8,6 +8,7 @@ anything is written.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 from dataclasses import asdict, dataclass, field
@@ -86,11 +87,10 @@ def _probe(storage: Storage, name: str, source: SourceConfig) -> tuple[list[str]
                 fs, path = storage.filesystem(uri)
                 names = pq.read_schema(path, filesystem=fs).names
             else:
-                head = storage.read_bytes(uri)[:65536].decode("utf-8")
-                first = head.splitlines()[0] if head else ""
-                names = (
-                    next(csv.reader([first])) if source.format == "csv" else list(json.loads(first))
-                )
+                fs, path = storage.filesystem(uri)
+                with fs.open_input_stream(path) as stream:
+                    head = stream.read(65536).decode("utf-8", errors="replace")
+                names = _text_columns(head, source.format)
         except (OSError, ValueError, pa.ArrowInvalid, IndexError) as error:
             bad[uri] = f"unreadable {source.format} file: {str(error).splitlines()[0][:200]}"
             continue
@@ -143,9 +143,8 @@ def _read_text_file(storage: Storage, uri: str, source: SourceConfig, key: bytes
             if source.pii:  # fields may be shifted: any of them could hold PII
                 flag("csv: wrong number of fields", validate.unparseable_record(line, number))
                 continue
-            fields = next(csv.reader([line]), [])
-            row = dict(zip(header, fields, strict=False))
-            row.update({f"_extra_{i}": v for i, v in enumerate(fields[len(header) :])})
+            fields = dict(zip(header, next(csv.reader([line]), []), strict=False))
+            row = {name: fields.get(name) for name in raw_names}
             flag("csv: wrong number of fields", json.dumps({**row, "_line": number}))
     else:
         declared = {raw: source.types[std] for std, raw in validate.raw_columns(source).items()}
@@ -175,13 +174,34 @@ def _read_text_file(storage: Storage, uri: str, source: SourceConfig, key: bytes
                 value = row.get(name)
                 columns[name].append(None if value is None else str(value))
             reasons.append(f"{wrong[0]}: wrong JSON type" if wrong else None)
+            declared_only = {name: row.get(name) for name in raw_names}
             records.append(
-                validate.redact_record(row, source.pii, key, source.rename) if wrong else None
+                validate.redact_record(declared_only, source.pii, key, source.rename)
+                if wrong
+                else None
             )
     result = pa.table({name: pa.array(values, pa.string()) for name, values in columns.items()})
     return result.append_column(validate.REASON, pa.array(reasons, pa.string())).append_column(
         validate.RECORD, pa.array(records, pa.string())
     )
+
+
+def _text_columns(head: str, file_format: str) -> list[str]:
+    """Column names from the start of a CSV (header) or JSONL file (keys of parseable lines)."""
+    lines = head.splitlines()
+    if file_format == "csv":
+        return next(csv.reader(lines[:1]), [])
+    names: dict[str, None] = {}
+    for line in lines[:50]:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            names.update(dict.fromkeys(row))
+    if not names:
+        raise ValueError("no JSON object in its first lines")
+    return list(names)
 
 
 @ray.remote(num_returns=2)
@@ -202,12 +222,15 @@ def _ingest_file(
     for all 30 files and spent ~3 s listing them, so the validation ran on one CPU (6.6 s);
     a task per file keeps every CPU busy and knows which file each quarantined row came from.
     """
-    if source.format == "parquet":
-        fs, path = storage.filesystem(uri)
-        columns = list(dict.fromkeys(validate.raw_columns(source).values()))
-        batch = pq.read_table(path, filesystem=fs, columns=columns, use_threads=False)
-    else:
-        batch = _read_text_file(storage, uri, source, key)
+    try:
+        if source.format == "parquet":
+            fs, path = storage.filesystem(uri)
+            columns = list(dict.fromkeys(validate.raw_columns(source).values()))
+            batch = pq.read_table(path, filesystem=fs, columns=columns, use_threads=False)
+        else:
+            batch = _read_text_file(storage, uri, source, key)
+    except (OSError, pa.ArrowException, ValueError) as error:
+        raise SourceError(f"cannot read {uri}: {str(error).splitlines()[0][:300]}") from None
     block = validate_batch(batch, source, key, reference_keys, dimensions, uri)
     unique = [rule.column for rule in source.rules if isinstance(rule, Unique)]
     return block, _key_hashes(block, unique)
@@ -343,6 +366,23 @@ def _partition(
     return good, quarantine, stats
 
 
+def _quarantine_file(storage: Storage, uri: str, error: str, folder: str, has_pii: bool) -> None:
+    """Sets an unreadable file aside: a copy, or only its digest when it may hold PII in clear."""
+    content = storage.read_bytes(uri)
+    name = uri.rstrip("/").replace("/", "__").replace(":", "")
+    note = {
+        "uri": uri,
+        "reason": error,
+        "bytes": len(content),
+        "sha256": hashlib.sha256(content).hexdigest(),
+    }
+    if has_pii:
+        note["copy"] = "not kept: the source has PII columns and the file could not be parsed"
+    else:
+        storage.write_bytes(join(folder, "files", name), content)
+    storage.write_json(join(folder, "files", name + ".reason.json"), note)
+
+
 def _ingest_source(
     config: Config,
     storage: Storage,
@@ -395,14 +435,7 @@ def _ingest_source(
     )
     clock.lap("write")
     for uri, error in bad_files.items():
-        file_name = uri.rstrip("/").replace("/", "__").replace(":", "")
-        storage.write_bytes(
-            join(report.quarantine_uri, "files", file_name), storage.read_bytes(uri)
-        )
-        storage.write_json(
-            join(report.quarantine_uri, "files", file_name + ".reason.json"),
-            {"uri": uri, "reason": error},
-        )
+        _quarantine_file(storage, uri, error, report.quarantine_uri, bool(source.pii))
     return report, good_refs
 
 

@@ -116,8 +116,12 @@ def predict(
     valid = scored.filter(expr=col("reason").is_null()).drop_columns(["reason"])
     invalid = scored.filter(expr=col("reason").is_not_null())
     out_fs, out_path = storage.filesystem(output_uri)
-    valid.write_parquet(join(out_path, "predictions"), filesystem=out_fs)
-    invalid.write_parquet(join(out_path, "quarantine"), filesystem=out_fs)
+    valid.write_parquet(
+        join(out_path, "predictions"), filesystem=out_fs, mode=ray.data.SaveMode.OVERWRITE
+    )
+    invalid.write_parquet(
+        join(out_path, "quarantine"), filesystem=out_fs, mode=ray.data.SaveMode.OVERWRITE
+    )
     rows_in, rows_bad = scored.count(), invalid.count()
     first = scored.take(1)
     return PredictResult(

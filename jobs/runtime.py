@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import uuid
 import warnings
 from datetime import datetime, timezone
 
@@ -20,25 +21,26 @@ log = logging.getLogger("rayline")
 def init_ray(config: Config | None = None, num_cpus: int | None = None) -> float:
     """Starts or joins Ray; returns the seconds it took.
 
-    Under `ray job submit` the driver gets RAY_ADDRESS and joins that cluster; anywhere else we
-    start an embedded local Ray rather than attaching to whatever cluster happens to be running.
+    A driver started by `ray job submit` (the job supervisor sets RAY_JOB_CONFIG_JSON_ENV_VAR
+    and RAY_ADDRESS) joins its cluster; anywhere else we start an embedded local Ray rather than
+    attaching to whatever cluster an exported RAY_ADDRESS happens to name.
     """
     import ray
 
     if ray.is_initialized():
         return 0.0
     started = time.perf_counter()
-    # Ray Train drains worker reports once per health-check interval (2 s by default): poll faster.
-    env = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env={"env_vars": env}, log_to_driver=True)
+    # Ray Train drains worker reports once per health-check interval (2 s by default); Ray Train
+    # copies this variable from the driver into its controller at fit().
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") and os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
     else:
         num_cpus = num_cpus or (config.ray.num_cpus if config else None)
         ray.init(
             address="local",
             num_cpus=num_cpus,
             include_dashboard=False,
-            runtime_env={"env_vars": env},
             logging_level=logging.WARNING,
         )
     from ray.data import DataContext
@@ -50,7 +52,8 @@ def init_ray(config: Config | None = None, num_cpus: int | None = None) -> float
 
 
 def new_run_id() -> str:
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + f"-{os.getpid() % 10000:04d}"
+    """Sortable by time, unique across processes and within a second."""
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + f"-{uuid.uuid4().hex[:8]}"
 
 
 def pii_key(config: Config) -> bytes:
@@ -58,6 +61,11 @@ def pii_key(config: Config) -> bytes:
     value = os.environ.get(config.pii.key_env)
     if value:
         return value.encode()
+    if not config.pii.allow_demo_key:
+        raise ValueError(
+            f"set {config.pii.key_env} to the secret key for hashing PII "
+            "(or pii.allow_demo_key: true for sample data)"
+        )
     warnings.warn(
         f"{config.pii.key_env} is not set: hashing PII with the public demo key",
         stacklevel=2,

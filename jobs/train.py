@@ -8,6 +8,8 @@ checkpoint every N rounds and resume from the latest checkpoint after a failure.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import tempfile
 import time
@@ -146,6 +148,31 @@ def apply_imbalance(
     return features, labels, None
 
 
+class ResumableEarlyStopping(xgb.callback.TrainingCallback):
+    """Early stopping on the validation metric whose state survives a restart.
+
+    XGBoost's own EarlyStopping starts afresh when training continues from a checkpoint, so a
+    resumed run could pick a different best round than an uninterrupted one; this one is saved
+    with every checkpoint and restored with it.
+    """
+
+    def __init__(self, patience: int, metric: str = "aucpr", state: dict | None = None):
+        state = state or {}
+        self.patience, self.metric = patience, metric
+        self.best_score: float | None = state.get("best_score")
+        self.best_iteration: int = state.get("best_iteration", -1)
+
+    def after_iteration(self, model, epoch, evals_log) -> bool:
+        score = float(evals_log["valid"][self.metric][-1])
+        iteration = model.num_boosted_rounds() - 1
+        if self.best_score is None or score > self.best_score:
+            self.best_score, self.best_iteration = score, iteration
+        return iteration - self.best_iteration >= self.patience
+
+    def state(self) -> dict:
+        return {"best_score": self.best_score, "best_iteration": self.best_iteration}
+
+
 def fit_booster(
     dtrain: xgb.DMatrix,
     dvalid: xgb.DMatrix,
@@ -153,22 +180,38 @@ def fit_booster(
     train: TrainConfig,
     callbacks: list,
     start_from: xgb.Booster | None = None,
+    stopper: ResumableEarlyStopping | None = None,
 ) -> tuple[xgb.Booster, dict]:
-    """The training function both plans share; continues `start_from` when resuming."""
+    """The training function both plans share; continues `start_from` when resuming.
+
+    `stopper` goes first among the callbacks, so checkpoints taken after it see its state.
+    """
     done = start_from.num_boosted_rounds() if start_from is not None else 0
+    stopper = stopper or ResumableEarlyStopping(train.early_stopping_rounds)
     history: dict = {}
     booster = xgb.train(
         params,
         dtrain,
         num_boost_round=max(0, train.num_boost_round - done),
         evals=[(dvalid, "valid")],
-        early_stopping_rounds=train.early_stopping_rounds,
-        callbacks=callbacks,
+        callbacks=[stopper, *callbacks],
         xgb_model=start_from,
         evals_result=history,
         verbose_eval=False,
     )
     return booster, history
+
+
+def training_key(train: TrainConfig, seed: int) -> str:
+    """Names one training configuration: a retry resumes its checkpoints, while a different
+    configuration (a tuned one, say) in the same run starts from round 0."""
+    settings = train.model_dump(mode="json", exclude={"max_failures", "plan"})
+    payload = json.dumps({"train": settings, "seed": seed}, sort_keys=True).encode()
+    return hashlib.sha256(payload).hexdigest()[:12]
+
+
+def checkpoint_uri(run_uri: str, train: TrainConfig, seed: int) -> str:
+    return join(run_uri, "train", "checkpoints", training_key(train, seed))
 
 
 def choose_plan(train: TrainConfig, rows: int, cluster_cpus: float, nodes: int) -> tuple[str, str]:

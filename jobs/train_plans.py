@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -14,57 +15,64 @@ from jobs.config import Config, TrainConfig
 from jobs.storage import Storage, join
 from jobs.train import (
     MODEL_FILE,
+    ResumableEarlyStopping,
     TrainingError,
     TrainResult,
     apply_imbalance,
+    checkpoint_uri,
     fit_booster,
     load_booster,
     read_split,
     save_booster,
     to_matrix,
+    training_key,
     xgb_params,
 )
 
+STOPPER_FILE = "early_stopping.json"
+
 
 class StorageCheckpoint(xgb.callback.TrainingCallback):
-    """Every `every` rounds, writes the booster to storage and then moves the `latest` pointer."""
+    """Every `every` rounds, writes the booster to storage, then moves the `latest` pointer
+    (which also carries the early-stopping state)."""
 
-    def __init__(self, storage: Storage, uri: str, every: int):
-        self.storage, self.uri, self.every = storage, uri, every
+    def __init__(self, storage: Storage, uri: str, every: int, stopper: ResumableEarlyStopping):
+        self.storage, self.uri, self.every, self.stopper = storage, uri, every, stopper
 
     def after_iteration(self, model, epoch, evals_log) -> bool:
         rounds = model.num_boosted_rounds()
         if rounds % self.every == 0:
             target = join(self.uri, f"round-{rounds:06d}.ubj")
             save_booster(self.storage, model, target)
-            self.storage.write_json(join(self.uri, "latest.json"), {"round": rounds, "uri": target})
+            pointer = {"round": rounds, "uri": target, "early_stopping": self.stopper.state()}
+            self.storage.write_json(join(self.uri, "latest.json"), pointer)
         return False
 
 
-def latest_checkpoint(storage: Storage, uri: str) -> xgb.Booster | None:
-    """The booster the `latest` pointer names, None if there is no pointer; an error if the
-    pointer names a checkpoint that is gone (resuming silently from round 0 would hide it)."""
-    pointer = join(uri, "latest.json")
-    if not storage.exists(pointer):
-        return None
-    target = storage.read_json(pointer)["uri"]
-    if not storage.exists(target):
-        raise TrainingError(f"checkpoint pointer {pointer} names {target}, which is missing")
-    return load_booster(storage, target)
+def latest_checkpoint(storage: Storage, uri: str) -> tuple[xgb.Booster | None, dict]:
+    """The booster the `latest` pointer names and its early-stopping state; (None, {}) if there
+    is no pointer; an error if it names a checkpoint that is gone (a silent restart from
+    round 0 would hide that)."""
+    pointer_uri = join(uri, "latest.json")
+    if not storage.exists(pointer_uri):
+        return None, {}
+    pointer = storage.read_json(pointer_uri)
+    if not storage.exists(pointer["uri"]):
+        raise TrainingError(
+            f"checkpoint pointer {pointer_uri} names {pointer['uri']}, which is missing"
+        )
+    return load_booster(storage, pointer["uri"]), pointer.get("early_stopping", {})
 
 
 def _finish(
-    booster: xgb.Booster, history: dict, resumed: int, rows: int
+    booster: xgb.Booster, stopper: ResumableEarlyStopping, resumed: int, rows: int
 ) -> tuple[xgb.Booster, dict]:
-    best = int(getattr(booster, "best_iteration", booster.num_boosted_rounds() - 1))
     rounds = booster.num_boosted_rounds()
-    best_model = booster[: best + 1]
-    aucpr = history.get("valid", {}).get("aucpr", [])
-    score = float(booster.attributes().get("best_score", aucpr[-1] if aucpr else "nan"))
-    return best_model, {
+    best = stopper.best_iteration if stopper.best_iteration >= 0 else rounds - 1
+    return booster[: best + 1], {
         "best_iteration": best,
         "rounds": rounds,
-        "valid_aucpr": score,
+        "valid_aucpr": float(stopper.best_score if stopper.best_score is not None else "nan"),
         "resumed_from_round": resumed,
         "train_rows": rows,
     }
@@ -88,12 +96,13 @@ def _train_task(
     params = xgb_params(train, config.seed, nthread, imbalance)
     dtrain = xgb.QuantileDMatrix(x_train, y_train, weight=weights, feature_names=names)
     dvalid = xgb.QuantileDMatrix(x_valid, y_valid, ref=dtrain, feature_names=names)
-    checkpoints = join(run_uri, "train", "checkpoints")
-    start = latest_checkpoint(storage, checkpoints)
+    checkpoints = checkpoint_uri(run_uri, train, config.seed)
+    start, state = latest_checkpoint(storage, checkpoints)
     resumed = start.num_boosted_rounds() if start is not None else 0
-    callback = StorageCheckpoint(storage, checkpoints, train.checkpoint_every)
-    booster, history = fit_booster(dtrain, dvalid, params, train, [callback], start)
-    model, summary = _finish(booster, history, resumed, len(y_train))
+    stopper = ResumableEarlyStopping(train.early_stopping_rounds, state=state)
+    callback = StorageCheckpoint(storage, checkpoints, train.checkpoint_every, stopper)
+    booster, history = fit_booster(dtrain, dvalid, params, train, [callback], start, stopper)
+    model, summary = _finish(booster, stopper, resumed, len(y_train))
     save_booster(storage, model, join(run_uri, "train", MODEL_FILE))
     return {**summary, "params": params, "history": history, "checkpoint_uri": checkpoints}
 
@@ -102,7 +111,9 @@ def run_single(
     config: Config, train: TrainConfig, run_uri: str, storage: Storage, imbalance: dict
 ) -> TrainResult:
     nodes = [n for n in ray.nodes() if n["Alive"]]
-    cpus = max(1, int(max(n["Resources"].get("CPU", 1) for n in nodes)))
+    largest = max(n["Resources"].get("CPU", 1) for n in nodes)
+    # All of one node's CPUs, but not more than are free now (Serve replicas may hold some).
+    cpus = max(1, int(min(largest, ray.available_resources().get("CPU", 1))))
     task = _train_task.options(
         num_cpus=cpus, max_retries=train.max_failures, num_gpus=train.gpus_per_worker or None
     )
@@ -132,16 +143,18 @@ class ReportEvery(xgb.callback.TrainingCallback):
     controller's poll, which cost about 2 s a round on small data.
     """
 
-    def __init__(self, every: int):
-        self.every = every
+    def __init__(self, every: int, stopper: ResumableEarlyStopping):
+        self.every, self.stopper = every, stopper
 
     def after_iteration(self, model, epoch, evals_log) -> bool:
         if model.num_boosted_rounds() % self.every == 0:
-            report(model, evals_log)
+            report(model, evals_log, self.stopper)
         return False
 
 
-def report(model: xgb.Booster, evals_log: dict, extra: dict | None = None) -> None:
+def report(
+    model: xgb.Booster, evals_log: dict, stopper: ResumableEarlyStopping, extra: dict | None = None
+) -> None:
     import ray.train
 
     metrics = {f"valid-{k}": float(v[-1]) for k, v in evals_log.get("valid", {}).items()}
@@ -149,6 +162,7 @@ def report(model: xgb.Booster, evals_log: dict, extra: dict | None = None) -> No
     if ray.train.get_context().get_world_rank() == 0:
         with tempfile.TemporaryDirectory() as folder:
             model.save_model(Path(folder, MODEL_FILE))
+            Path(folder, STOPPER_FILE).write_text(json.dumps(stopper.state()))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
     else:
         ray.train.report(metrics)
@@ -173,17 +187,21 @@ def _worker_loop(loop_config: dict) -> None:
     )
     dtrain = xgb.DMatrix(x_train, y_train, weight=weights, feature_names=names)
     dvalid = xgb.DMatrix(x_valid, y_valid, feature_names=names)
-    start, resumed = None, 0
+    start, resumed, state = None, 0, {}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
             start = xgb.Booster(model_file=str(Path(folder, MODEL_FILE)))
+            if Path(folder, STOPPER_FILE).exists():
+                state = json.loads(Path(folder, STOPPER_FILE).read_text())
         resumed = start.num_boosted_rounds()
+    stopper = ResumableEarlyStopping(train.early_stopping_rounds, state=state)
+    callbacks = [ReportEvery(train.checkpoint_every, stopper)]
     booster, history = fit_booster(
-        dtrain, dvalid, loop_config["params"], train, [ReportEvery(train.checkpoint_every)], start
+        dtrain, dvalid, loop_config["params"], train, callbacks, start, stopper
     )
-    model, summary = _finish(booster, history, resumed, len(y_train))
-    report(model, history, {**summary, "final": 1})
+    model, summary = _finish(booster, stopper, resumed, len(y_train))
+    report(model, history, stopper, {**summary, "final": 1})
 
 
 def run_distributed(
@@ -219,7 +237,7 @@ def run_distributed(
             },
         ),
         run_config=RunConfig(
-            name="xgboost",
+            name=f"xgboost-{training_key(train, config.seed)}",
             storage_path=path,
             storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=train.max_failures),

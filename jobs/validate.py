@@ -20,6 +20,7 @@ from jobs.config import Allowed, NotNull, Range, References, SourceConfig
 REASON = "_reason"
 RECORD = "_record"
 PATH = "path"
+ROW = "_row"
 NUMERIC_PATTERN = r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"
 ARROW_TYPES = {
     "string": pa.string(),
@@ -218,9 +219,12 @@ def quarantine_records(
 
 def join_dimensions(table: pa.Table, dimensions: list[tuple[str, str, pa.Table]]) -> pa.Table:
     """Left-joins dimension tables (key, column prefix, table); used in ingest and in serving."""
+    if not dimensions:
+        return table
+    table = table.append_column(ROW, pa.array(np.arange(table.num_rows)))
     for key_column, prefix, dimension in dimensions:
         renamed = dimension.rename_columns(
             [c if c == key_column else prefix + c for c in dimension.column_names]
         )
         table = table.join(renamed, keys=key_column, join_type="left outer")
-    return table
+    return table.sort_by(ROW).drop_columns([ROW])  # Arrow's hash join does not keep row order

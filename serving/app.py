@@ -6,6 +6,7 @@ Rule violations (an unknown currency, an amount out of range) are 422 too, with 
 Scoring goes through `jobs.predict.score_records`, the same function batch inference uses.
 """
 
+import asyncio
 import time
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
@@ -21,12 +22,18 @@ from ray.serve.handle import DeploymentHandle
 from jobs.config import Config, load_config
 from jobs.features import FeatureSpec, online_source
 from jobs.predict import score_records
-from jobs.registry import Bundle, load_bundle
+from jobs.registry import Bundle, load_bundle, resolve
 from jobs.storage import Storage, join
 from jobs.validate import ARROW_TYPES
 
-PYTHON_TYPES = {"string": str, "int64": int, "float64": float, "bool": bool,
-                "timestamp": "datetime", "date": "date"}
+PYTHON_TYPES = {
+    "string": str,
+    "int64": int,
+    "float64": float,
+    "bool": bool,
+    "timestamp": "datetime",
+    "date": "date",
+}
 
 
 @dataclass(frozen=True)
@@ -85,21 +92,33 @@ class ModelServer:
         self.bundle = loader()
 
     def info(self) -> dict:
-        return {"model": self.bundle.name, "version": self.bundle.version,
-                "threshold": self.bundle.threshold}
+        return {
+            "model": self.bundle.name,
+            "version": self.bundle.version,
+            "threshold": self.bundle.threshold,
+        }
 
     async def score(self, requests: list[list[dict]]) -> list[dict]:
         flat = [record for request in requests for record in request]
-        scores, reasons = score_records(self.bundle, records_table(flat, self.bundle.spec))
+        # Arrow joins and XGBoost release the GIL; off the event loop, the replica keeps
+        # accepting requests (and filling the next batch) while this one is scored.
+        scores, reasons = await asyncio.to_thread(
+            score_records, self.bundle, records_table(flat, self.bundle.spec)
+        )
         reasons = reasons.to_pylist()
         results, start = [], 0
         for request in requests:
             end = start + len(request)
-            errors = [{"index": i - start, "reason": reasons[i]} for i in range(start, end)
-                      if reasons[i] is not None]
+            errors = [
+                {"index": i - start, "reason": reasons[i]}
+                for i in range(start, end)
+                if reasons[i] is not None
+            ]
             threshold = self.bundle.threshold
-            predictions = [{"score": float(scores[i]), "label": int(scores[i] >= threshold)}
-                           for i in range(start, end)]
+            predictions = [
+                {"score": float(scores[i]), "label": int(scores[i] >= threshold)}
+                for i in range(start, end)
+            ]
             results.append({"errors": errors, "predictions": predictions, **self.info()})
             start = end
         return results
@@ -108,28 +127,39 @@ class ModelServer:
 def build_app(config: Config, loader: BundleLoader | None = None):
     """The Serve application for `config`: Ingress -> ModelServer (with @serve.batch)."""
     serve_cfg = config.serve
-    loader = loader or BundleLoader(Storage(config.s3), join(config.storage, "registry"),
-                                    serve_cfg.model or config.name, serve_cfg.alias)
+    if loader is None:
+        storage, registry_uri = Storage(config.s3), join(config.storage, "registry")
+        name = serve_cfg.model or config.name
+        # Resolve the alias once: the request schema and every replica use that same version.
+        version = resolve(storage, registry_uri, name, serve_cfg.alias)
+        loader = BundleLoader(storage, registry_uri, name, str(version))
     spec = loader().spec
     record = record_model(spec)
     request_model = create_model(
-        "PredictRequest", __config__=ConfigDict(extra="forbid"),
-        records=(list[record],
-                 Field(..., min_length=1, max_length=serve_cfg.max_records_per_request)),
+        "PredictRequest",
+        __config__=ConfigDict(extra="forbid"),
+        records=(
+            list[record],
+            Field(..., min_length=1, max_length=serve_cfg.max_records_per_request),
+        ),
     )
     api = FastAPI(title="rayline", description="Scores raw records with the registered model.")
 
-    batched = serve.batch(max_batch_size=serve_cfg.max_batch_size,
-                          batch_wait_timeout_s=serve_cfg.batch_wait_timeout_s)(ModelServer.score)
+    batched = serve.batch(
+        max_batch_size=serve_cfg.max_batch_size, batch_wait_timeout_s=serve_cfg.batch_wait_timeout_s
+    )(ModelServer.score)
     # Serve admits 5 requests per replica by default, which capped every @serve.batch call at
     # 5 requests whatever max_batch_size said (Serve logs a warning saying so).
     ongoing = max(serve_cfg.max_batch_size, 5)
-    model = serve.deployment(type("ModelServer", (ModelServer,), {"score": batched}),
-                             ray_actor_options={"num_cpus": serve_cfg.replica_cpus},
-                             max_ongoing_requests=ongoing)
+    model = serve.deployment(
+        type("ModelServer", (ModelServer,), {"score": batched}),
+        ray_actor_options={"num_cpus": serve_cfg.replica_cpus},
+        max_ongoing_requests=ongoing,
+    )
 
-    @serve.deployment(ray_actor_options={"num_cpus": serve_cfg.replica_cpus},
-                      max_ongoing_requests=ongoing)
+    @serve.deployment(
+        ray_actor_options={"num_cpus": serve_cfg.replica_cpus}, max_ongoing_requests=ongoing
+    )
     @serve.ingress(api)
     class Ingress:
         def __init__(self, model_handle: DeploymentHandle):
@@ -139,11 +169,22 @@ def build_app(config: Config, loader: BundleLoader | None = None):
         async def predict(self, body: request_model) -> dict:  # type: ignore[valid-type]
             result = await self.model.score.remote([r.model_dump() for r in body.records])
             if result["errors"]:
-                raise HTTPException(status_code=422, detail=[
-                    {"loc": ["body", "records", e["index"], e["reason"].split(":")[0]],
-                     "msg": e["reason"], "type": "value_error"} for e in result["errors"]])
-            return {"model": result["model"], "version": result["version"],
-                    "predictions": result["predictions"]}
+                raise HTTPException(
+                    status_code=422,
+                    detail=[
+                        {
+                            "loc": ["body", "records", e["index"], e["reason"].split(":")[0]],
+                            "msg": e["reason"],
+                            "type": "value_error",
+                        }
+                        for e in result["errors"]
+                    ],
+                )
+            return {
+                "model": result["model"],
+                "version": result["version"],
+                "predictions": result["predictions"],
+            }
 
         @api.get("/healthz")
         async def healthz(self) -> dict:

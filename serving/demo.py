@@ -33,7 +33,9 @@ SAMPLE = {
 def main(
     config: Annotated[str, typer.Option(help="Pipeline config YAML")] = "configs/fraud.yaml",
     data: Annotated[str, typer.Option(help="Where the sample data lives")] = "data/fraud",
-    rows: Annotated[int, typer.Option(help="Transactions to generate if data is missing")] = 100_000,
+    rows: Annotated[
+        int, typer.Option(help="Transactions to generate if data is missing")
+    ] = 100_000,
     port: Annotated[int, typer.Option(help="HTTP port for Serve (0: the config's)")] = 0,
 ) -> None:
     """Run the whole lifecycle locally and end with a real HTTP prediction."""
@@ -45,8 +47,10 @@ def main(
     if not storage.exists(f"{data}/transactions"):
         console.rule("generate sample data")
         made = generate(data, rows=rows, storage=storage)
-        console.print(f"{made.transactions:,} transactions, {made.customers:,} customers, "
-                      f"{made.merchants:,} merchants (fraud rate {made.fraud_rate:.2%}) in {data}")
+        console.print(
+            f"{made.transactions:,} transactions, {made.customers:,} customers, "
+            f"{made.merchants:,} merchants (fraud rate {made.fraud_rate:.2%}) in {data}"
+        )
     console.rule("pipeline: ingest -> features -> train -> evaluate -> register")
     run_pipeline(loaded)
     console.rule("serve")

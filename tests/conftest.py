@@ -112,7 +112,8 @@ def s3_server():
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         wait_for_port(port)
@@ -131,7 +132,8 @@ def s3_bucket(s3_server):
 
     name = f"rayline-{uuid.uuid4().hex[:8]}"
     host = s3_server.removeprefix("http://")
-    fs = pafs.S3FileSystem(endpoint_override=host, scheme="http", region="us-east-1",
-                           allow_bucket_creation=True)
+    fs = pafs.S3FileSystem(
+        endpoint_override=host, scheme="http", region="us-east-1", allow_bucket_creation=True
+    )
     fs.create_dir(name)
     return s3_server, name

@@ -13,7 +13,13 @@ import pytest
 
 from jobs.registry import load_bundle
 from jobs.storage import Storage, join
-from jobs.train import TrainingError, choose_plan, imbalance_plan, train_model
+from jobs.train import (
+    TrainingError,
+    checkpoint_uri,
+    choose_plan,
+    imbalance_plan,
+    train_model,
+)
 from tests.conftest import make_config
 
 
@@ -39,7 +45,8 @@ def test_bundle_records_plan_and_measured_class_ratio(pipeline_run):
     assert training["plan"] == "single" and "forced" in training["reason"]
     assert training["imbalance"]["strategy"] == "scale_pos_weight"
     assert training["imbalance"]["scale_pos_weight"] == pytest.approx(
-        negatives / report["positives"]["train"], rel=1e-3)
+        negatives / report["positives"]["train"], rel=1e-3
+    )
     assert training["params"]["scale_pos_weight"] == training["imbalance"]["scale_pos_weight"]
     assert bundle.lineage["config_digest"] == config.digest()
 
@@ -77,9 +84,9 @@ def test_single_class_and_empty_split_are_named(pipeline_run, tmp_path):
 def test_missing_checkpoint_is_an_error_not_a_silent_restart(pipeline_run, tmp_path):
     config, result = pipeline_run
     run_uri = copy_features(result.run_uri, tmp_path)
-    gone = join(run_uri, "train", "checkpoints", "round-000020.ubj")
-    Storage().write_json(join(run_uri, "train", "checkpoints", "latest.json"),
-                         {"round": 20, "uri": gone})
+    folder = checkpoint_uri(run_uri, config.train, config.seed)
+    gone = join(folder, "round-000020.ubj")
+    Storage().write_json(join(folder, "latest.json"), {"round": 20, "uri": gone})
     with pytest.raises(TrainingError, match="round-000020.ubj"):
         train_model(config, run_uri)
 
@@ -89,9 +96,17 @@ def test_missing_checkpoint_is_an_error_not_a_silent_restart(pipeline_run, tmp_p
 def test_ray_train_plan_on_two_cpus_does_not_starve(pipeline_run, tmp_path):
     """2 workers x 1 CPU hold every CPU of the 2-CPU Ray; reads must not wait behind them."""
     config, result = pipeline_run
-    distributed = make_config("d", config.storage, **{
-        "train.plan": "distributed", "train.num_workers": 2, "train.cpus_per_worker": 1,
-        "train.num_boost_round": 60, "train.checkpoint_every": 20})
+    distributed = make_config(
+        "d",
+        config.storage,
+        **{
+            "train.plan": "distributed",
+            "train.num_workers": 2,
+            "train.cpus_per_worker": 1,
+            "train.num_boost_round": 60,
+            "train.checkpoint_every": 20,
+        },
+    )
     run_uri = copy_features(result.run_uri, tmp_path)
     trained = train_model(distributed, run_uri)
     assert trained.plan == "distributed"
@@ -100,10 +115,10 @@ def test_ray_train_plan_on_two_cpus_does_not_starve(pipeline_run, tmp_path):
 
 
 def _kill_when_checkpointed(run_uri: str, min_round: int, killed: list) -> None:
-    pointer = Path(run_uri) / "train" / "checkpoints" / "latest.json"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not killed:
-        if pointer.exists():
+        pointer = next((Path(run_uri) / "train" / "checkpoints").glob("*/latest.json"), None)
+        if pointer is not None:
             try:
                 round_done = Storage().read_json(str(pointer))["round"]
             except (ValueError, OSError):
@@ -120,10 +135,20 @@ def _kill_when_checkpointed(run_uri: str, min_round: int, killed: list) -> None:
 @pytest.mark.slow
 def test_killed_training_worker_resumes_from_checkpoint(pipeline_run, tmp_path):
     config, result = pipeline_run
-    long_run = make_config("d", config.storage, **{
-        "train.plan": "single", "train.num_boost_round": 800, "train.early_stopping_rounds": 800,
-        "train.checkpoint_every": 20, "train.max_failures": 2,
-        "train.params": {"max_depth": 6, "eta": 0.02, "subsample": 0.9}})
+    long_run = make_config(
+        "d",
+        config.storage,
+        **{
+            "train.plan": "single",
+            "train.num_boost_round": 800,
+            "train.early_stopping_rounds": 800,
+            "train.checkpoint_every": 20,
+            "train.max_failures": 2,
+            # No row or column sampling: a resumed run must rebuild the same model.
+            "train.params": {"max_depth": 6, "eta": 0.02, "subsample": 1.0,
+                             "colsample_bytree": 1.0},
+        },
+    )
     reference = train_model(long_run, copy_features(result.run_uri, tmp_path / "reference"))
     run_uri = copy_features(result.run_uri, tmp_path / "killed")
     killed: list = []
@@ -134,4 +159,15 @@ def test_killed_training_worker_resumes_from_checkpoint(pipeline_run, tmp_path):
     assert killed, "the training worker was never killed"
     assert resumed.resumed_from_round >= 40
     assert resumed.rounds == reference.rounds == 800
-    assert resumed.valid_aucpr == pytest.approx(reference.valid_aucpr, abs=0.03)
+    assert resumed.valid_aucpr == pytest.approx(reference.valid_aucpr, abs=0.005)
+
+
+def test_new_training_configuration_in_the_same_run_starts_from_round_zero(pipeline_run, tmp_path):
+    """Checkpoints belong to one configuration: tuning's retrain must not resume the old model."""
+    config, result = pipeline_run
+    run_uri = copy_features(result.run_uri, tmp_path)
+    first = train_model(config, run_uri)
+    retuned = make_config("d", config.storage, **{"train.params": {"max_depth": 3, "eta": 0.2}})
+    second = train_model(retuned, run_uri)
+    assert first.resumed_from_round == second.resumed_from_round == 0
+    assert second.params["max_depth"] == 3

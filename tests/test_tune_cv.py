@@ -18,8 +18,12 @@ from jobs.train import TrainingError
 from jobs.tune import search_space, tune_model
 from tests.conftest import ROOT, make_config
 
-SMALL_TUNE = {"tune.num_samples": 4, "tune.num_boost_round": 30, "tune.grace_period": 5,
-              "tune.max_concurrent": 2}
+SMALL_TUNE = {
+    "tune.num_samples": 4,
+    "tune.num_boost_round": 30,
+    "tune.grace_period": 5,
+    "tune.max_concurrent": 2,
+}
 
 
 def test_stratified_cv_reports_mean_and_spread(pipeline_run):
@@ -65,13 +69,17 @@ def test_interrupted_tune_resumes_without_rerunning_finished_trials(pipeline_run
     os.symlink(Path(result.run_uri) / "features", Path(run_uri) / "features")
     process = subprocess.Popen(
         [sys.executable, "-m", "jobs.tune", "--config", str(config_path), "--run", run_uri],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     experiment = Path(run_uri) / "tune" / "experiment"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and len(list(experiment.glob("*/result.json"))) < 2:
         time.sleep(0.5)
     finished_before = {
-        path.parent.name for path in experiment.glob("*/result.json")
+        path.parent.name
+        for path in experiment.glob("*/result.json")
         if '"done": true' in path.read_text()
     }
     process.send_signal(signal.SIGINT)
