@@ -21,7 +21,8 @@ from benchmarks.baselines_preprocess import (
     write_json,
 )
 from jobs.config import Config, SourceConfig
-from jobs.features import HISTORY, SPLITS
+from jobs.features import SPLITS
+from jobs.featurespec import HISTORY
 from jobs.validate import NUMERIC_PATTERN, raw_columns
 
 DATE32 = pd.ArrowDtype(pa.date32())

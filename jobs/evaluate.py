@@ -17,7 +17,7 @@ from sklearn import metrics as skm
 from sklearn.calibration import calibration_curve
 
 from jobs.config import Config, ThresholdConfig, load_config
-from jobs.features import FeatureSpec
+from jobs.featurespec import FeatureSpec
 from jobs.storage import Storage, join
 from jobs.train import load_booster, to_matrix
 
@@ -160,7 +160,7 @@ if __name__ == "__main__":
 
 def promotion_gate(config: Config, run_uri: str, candidate: dict, storage: Storage) -> dict:
     """Promote only if the candidate beats production on the same test rows by the margin."""
-    from jobs.features import feature_matrix, transform
+    from jobs.featurespec import feature_matrix, transform
     from jobs.registry import BundleError, get_alias, load_bundle
 
     rule = config.evaluate.promotion

@@ -1,9 +1,8 @@
-"""Features: point-in-time history, derived and time features, a seeded stratified split, and
-the FeatureSpec fitted on the train split only.
+"""Features: point-in-time history, derived and time features, a seeded stratified split, the
+FeatureSpec fitted on the train split only, and the lookup tables serving needs.
 
-The FeatureSpec is JSON (no pickle). `transform` applies it to an Arrow table, whether that is
-a Ray Data batch or one HTTP record, so batch and online scores agree. The history state the
-online path needs (count, amount sum, last event per entity) is materialized as a lookup table.
+Rows are shuffled by entity (customer) in plain Ray tasks so each entity's history is computed
+in one place; the FeatureSpec functions themselves live in `jobs.featurespec`.
 """
 
 from __future__ import annotations
@@ -18,171 +17,22 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 import typer
-from pydantic import BaseModel, ConfigDict
 
-from jobs import validate
-from jobs.config import Config, FeaturesConfig, JoinConfig, SourceConfig, load_config
+from jobs.config import Config, load_config
+from jobs.featurespec import (
+    SPLIT,
+    FeatureSpec,
+    derive,
+    feature_names,
+    history_point_in_time,
+    history_state,
+    transform,
+)
 from jobs.runtime import Stopwatch, fingerprint, init_ray, table_hash, write_parquet_blocks
 from jobs.storage import Storage, join
 
-HISTORY = ["hist_txn_count", "hist_amount_mean", "hist_amount_ratio", "hist_seconds_since_prev"]
-STATE = ["state_count", "state_amount_sum", "state_last_ts"]
 SPLITS = ("train", "valid", "test")
-SPLIT = "split"
 UNIFORM = "_u"
-
-
-class FeatureSpec(BaseModel):
-    """Everything needed to turn a raw record into model input, fitted on the train split."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    version: int = 1
-    source: SourceConfig
-    joins: list[JoinConfig]
-    features: FeaturesConfig
-    medians: dict[str, float]
-    categories: dict[str, list[str]]
-    feature_names: list[str]
-
-
-def _epoch_seconds(column: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray:
-    return pc.cast(pc.cast(column, pa.timestamp("s")), pa.int64())
-
-
-def _seconds(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    return _epoch_seconds(column).to_numpy(zero_copy_only=False)
-
-
-def history_point_in_time(table: pa.Table, features: FeaturesConfig, tiebreak: str) -> pa.Table:
-    """History features from strictly earlier events of the same entity (needs whole entities).
-
-    Events are ordered by (entity, timestamp, tiebreak); polars' sort and windowed cumulative
-    sums measured 4x faster here than pandas.factorize + numpy.lexsort on string keys.
-    """
-    history = features.history
-    frame = pl.DataFrame(
-        {
-            "entity": pl.Series(table.column(history.entity)),
-            "seconds": _seconds(table.column(features.timestamp)),
-            "tie": pl.Series(table.column(tiebreak)),
-            "amount": pl.Series(pc.cast(table.column(history.amount), pa.float64())),
-        }
-    ).with_row_index("row")
-    count = pl.int_range(pl.len()).over("entity").cast(pl.Float64)
-    prior_sum = (pl.col("amount").cum_sum() - pl.col("amount")).over("entity")
-    mean = pl.when(count > 0).then(prior_sum / count)
-    result = (
-        frame.sort(["entity", "seconds", "tie"])
-        .select(
-            "row",
-            count.alias(HISTORY[0]),
-            mean.alias(HISTORY[1]),
-            (pl.col("amount") / mean).alias(HISTORY[2]),
-            pl.col("seconds").diff().over("entity").cast(pl.Float64).alias(HISTORY[3]),
-        )
-        .sort("row")
-        .fill_nan(None)
-    )
-    for name in HISTORY:
-        table = table.append_column(name, result[name].to_arrow())
-    return table
-
-
-def history_state(table: pa.Table, features: FeaturesConfig) -> pa.Table:
-    """Per-entity state after all events in `table`: what the online path joins on."""
-    history = features.history
-    grouped = (
-        pa.table(
-            {
-                history.entity: table.column(history.entity),
-                "amount": pc.cast(table.column(history.amount), pa.float64()),
-                "ts": pc.cast(table.column(features.timestamp), pa.timestamp("s")),
-            }
-        )
-        .group_by(history.entity)
-        .aggregate([([], "count_all"), ("amount", "sum"), ("ts", "max")])
-    )
-    names = {"count_all": STATE[0], "amount_sum": STATE[1], "ts_max": STATE[2]}
-    return grouped.rename_columns([names.get(c, c) for c in grouped.column_names]).select(
-        [history.entity, *STATE]
-    )
-
-
-def history_from_state(records: pa.Table, state: pa.Table, features: FeaturesConfig) -> pa.Table:
-    """History features for new events from the stored state (same definitions as batch)."""
-    history = features.history
-    joined = validate.join_dimensions(records, [(history.entity, "", state)])
-    count = pc.fill_null(pc.cast(joined.column("state_count"), pa.float64()), 0.0)
-    has_prior = pc.greater(count, 0)
-    mean = pc.if_else(has_prior, pc.divide(joined.column("state_amount_sum"), count), None)
-    amount = pc.cast(joined.column(history.amount), pa.float64())
-    gap = pc.subtract(
-        pc.cast(_epoch_seconds(joined.column(features.timestamp)), pa.float64()),
-        pc.cast(_epoch_seconds(joined.column("state_last_ts")), pa.float64()),
-    )
-    values = (count, mean, pc.divide(amount, mean), gap)
-    joined = joined.drop_columns(STATE)
-    for name, value in zip(HISTORY, values, strict=True):
-        joined = joined.append_column(name, pc.cast(value, pa.float64()))
-    return joined
-
-
-def derive(table: pa.Table, features: FeaturesConfig) -> pa.Table:
-    """Derived and time features, relative to each event's own timestamp."""
-    timestamp = pc.cast(table.column(features.timestamp), pa.timestamp("s"))
-    for name, spec in features.derived.items():
-        first = table.column(spec.columns[0])
-        if spec.kind == "years_since_year":
-            value = pc.subtract(
-                pc.cast(pc.year(timestamp), pa.float64()), pc.cast(first, pa.float64())
-            )
-        elif spec.kind == "days_since":
-            start = pc.cast(pc.cast(first, pa.timestamp("s")), pa.int64())
-            value = pc.divide(pc.subtract(pc.cast(timestamp, pa.int64()), start), 86400.0)
-        else:
-            value = pc.cast(pc.not_equal(first, table.column(spec.columns[1])), pa.float64())
-        table = table.append_column(name, pc.cast(value, pa.float64()))
-    for name in features.time_features:
-        value = pc.hour(timestamp) if name == "hour" else pc.day_of_week(timestamp)
-        table = table.append_column(name, pc.cast(value, pa.float64()))
-    return table
-
-
-def feature_names(features: FeaturesConfig) -> list[str]:
-    return [*features.numeric, *features.time_features, *features.categorical]
-
-
-def feature_matrix(table: pa.Table, names: list[str]) -> np.ndarray:
-    """Model inputs as a float32 matrix in the spec's feature order."""
-    return np.column_stack(
-        [table.column(name).to_numpy(zero_copy_only=False) for name in names]
-    ).astype(np.float32, copy=False)
-
-
-def transform(table: pa.Table, spec: FeatureSpec) -> pa.Table:
-    """Imputes, log-transforms and encodes into float32 model inputs.
-
-    The primary key, label and split pass through when present, so every row of a split can be
-    traced back to its source row.
-    """
-    features = spec.features
-    columns = {}
-    for name in [*features.numeric, *features.time_features]:
-        value = pc.cast(table.column(name), pa.float64())
-        value = pc.fill_null(pc.if_else(pc.is_nan(value), None, value), spec.medians.get(name, 0.0))
-        if name in features.log_transform:
-            value = pc.log1p(pc.max_element_wise(value, 0.0))
-        columns[name] = pc.cast(value, pa.float32())
-    for name in features.categorical:
-        known = pa.array(spec.categories[name], pa.string())
-        index = pc.index_in(pc.cast(table.column(name), pa.string()), value_set=known)
-        columns[name] = pc.cast(pc.fill_null(index, len(known)), pa.float32())
-    result = pa.table(columns)
-    for extra in (spec.source.primary_key, features.label, SPLIT):
-        if extra in table.column_names:
-            result = result.append_column(extra, table.column(extra))
-    return result
 
 
 def fit(
@@ -234,35 +84,6 @@ def assign_split(
     high = np.array([thresholds[int(v)][1] for v in (0, 1)])[labels.astype(np.int64).clip(0, 1)]
     split = np.where(uniform < low, "train", np.where(uniform < high, "valid", "test"))
     return table.append_column(SPLIT, pa.array(split, pa.string()))
-
-
-def online_source(source: SourceConfig, label: str, raw_names: bool = False) -> SourceConfig:
-    """The fact source for scoring: no label, row rules only; HTTP records use standard names."""
-    return source.model_copy(
-        update={
-            "rename": source.rename if raw_names else {},
-            "types": {k: v for k, v in source.types.items() if k != label},
-            "rules": [
-                r
-                for r in source.rules
-                if r.check not in ("unique", "references") and r.column != label
-            ],
-        }
-    )
-
-
-def enrich(
-    records: pa.Table, spec: FeatureSpec, lookups: dict[str, pa.Table], raw_names: bool = False
-) -> tuple[pa.Table, pa.Array]:
-    """Raw records -> standardized, joined, history and derived columns; plus row reasons."""
-    source = online_source(spec.source, spec.features.label, raw_names)
-    table, reasons = validate.standardize(records, source)
-    reasons = validate.check_rows(table, source, reasons)
-    dimensions = [(j.key, j.prefix, lookups[j.source]) for j in spec.joins]
-    table = validate.join_dimensions(table, dimensions)
-    if spec.features.history:
-        table = history_from_state(table, lookups["history"], spec.features)
-    return derive(table, spec.features), reasons
 
 
 @dataclass

@@ -17,7 +17,7 @@ import typer
 from ray.data.expressions import col
 
 from jobs.config import Config, load_config
-from jobs.features import enrich, feature_matrix, transform
+from jobs.featurespec import enrich, feature_matrix, transform
 from jobs.registry import Bundle, load_bundle
 from jobs.runtime import init_ray
 from jobs.storage import Storage, join

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import typer
 import xgboost as xgb
 
-from jobs.features import FeatureSpec
+from jobs.featurespec import FeatureSpec
 from jobs.storage import Storage, join
 
 MANIFEST = "manifest.json"

@@ -24,7 +24,7 @@ import typer
 import xgboost as xgb
 
 from jobs.config import Config, TrainConfig, load_config
-from jobs.features import feature_matrix
+from jobs.featurespec import feature_matrix
 from jobs.runtime import init_ray
 from jobs.storage import Storage, join
 

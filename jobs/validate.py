@@ -1,7 +1,7 @@
 """Standardization and validation rules, applied to Arrow batches.
 
-The same functions run on Ray Data batches during ingest and on single HTTP records in
-serving, so a record is judged the same way online and offline. Every failing row gets a
+The same functions run on each file's block during ingest, on batch-inference batches and on
+single HTTP records in serving, so a record is judged the same way online and offline. Every failing row gets a
 reason naming the rule and the column; rows are never dropped here, only labelled.
 """
 

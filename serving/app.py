@@ -20,7 +20,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from jobs.config import Config, load_config
-from jobs.features import FeatureSpec, online_source
+from jobs.featurespec import FeatureSpec, online_source
 from jobs.predict import score_records
 from jobs.registry import Bundle, load_bundle, resolve
 from jobs.storage import Storage, join

@@ -14,11 +14,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.features import (
+from jobs.features import SPLITS, build_features
+from jobs.featurespec import (
     HISTORY,
-    SPLITS,
     FeatureSpec,
-    build_features,
     derive,
     history_from_state,
     history_point_in_time,

@@ -20,7 +20,7 @@ import xgboost as xgb
 import yaml
 
 from jobs import registry
-from jobs.features import FeatureSpec
+from jobs.featurespec import FeatureSpec
 from jobs.registry import BundleError, get_alias, list_versions, load_bundle, publish
 from jobs.storage import Storage, join
 

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import requests
 
-from jobs.features import online_source
+from jobs.featurespec import online_source
 from jobs.predict import predict, score_records
 from jobs.registry import load_bundle
 from jobs.storage import Storage, join

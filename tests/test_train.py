@@ -145,8 +145,12 @@ def test_killed_training_worker_resumes_from_checkpoint(pipeline_run, tmp_path):
             "train.checkpoint_every": 20,
             "train.max_failures": 2,
             # No row or column sampling: a resumed run must rebuild the same model.
-            "train.params": {"max_depth": 6, "eta": 0.02, "subsample": 1.0,
-                             "colsample_bytree": 1.0},
+            "train.params": {
+                "max_depth": 6,
+                "eta": 0.02,
+                "subsample": 1.0,
+                "colsample_bytree": 1.0,
+            },
         },
     )
     reference = train_model(long_run, copy_features(result.run_uri, tmp_path / "reference"))
