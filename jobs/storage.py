@@ -1,7 +1,8 @@
 """Storage is a URI: a local path or s3://bucket/key, reached through pyarrow.fs.
 
-Writes are atomic: local files go to a temporary name and are renamed; an S3 PUT is atomic
-per object. Directories of artifacts are published by writing a marker object last.
+Writes are atomic per object: local files go to a temporary name and are renamed; an S3 PUT
+is atomic. Multi-file artifacts are published by a marker written last (the registry's
+manifest, a stage's `_report.json`).
 """
 
 from __future__ import annotations
