@@ -76,6 +76,12 @@ def _fold(
     }
 
 
+def _spread(folds: list[dict], metric: str, statistic) -> float:
+    """A statistic over folds, ignoring folds where the metric is undefined (one class)."""
+    values = np.array([np.nan if f[metric] is None else f[metric] for f in folds], dtype=float)
+    return float(statistic(values)) if np.isfinite(values).any() else float("nan")
+
+
 def cross_validate(
     config: Config,
     run_uri: str,
@@ -106,8 +112,8 @@ def cross_validate(
     result = CVResult(
         folds=folds,
         per_fold=per_fold,
-        mean={k: float(np.mean([f[k] for f in per_fold])) for k in METRICS},
-        std={k: float(np.std([f[k] for f in per_fold], ddof=1)) for k in METRICS},
+        mean={k: _spread(per_fold, k, np.nanmean) for k in METRICS},
+        std={k: _spread(per_fold, k, lambda v: np.nanstd(v, ddof=1)) for k in METRICS},
         seconds=round(time.perf_counter() - started, 3),
         results_uri=join(run_uri, "cv", "results.json"),
     )

@@ -45,10 +45,6 @@ class Bundle:
     info: dict = field(default_factory=dict)
 
 
-def model_uri(registry_uri: str, name: str) -> str:
-    return join(registry_uri, name)
-
-
 def _version_dir(registry_uri: str, name: str, version: int) -> str:
     return join(registry_uri, name, "versions", f"{version:06d}")
 
@@ -94,12 +90,6 @@ def git_commit() -> str:
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
-def _parquet_bytes(table: pa.Table) -> bytes:
-    sink = io.BytesIO()
-    pq.write_table(table, sink)
-    return sink.getvalue()
 
 
 def publish(

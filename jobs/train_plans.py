@@ -261,7 +261,11 @@ def run_distributed(
         rounds=int(metrics["rounds"]),
         valid_aucpr=float(metrics["valid_aucpr"]),
         resumed_from_round=int(metrics["resumed_from_round"]),
-        train_rows=int(metrics["train_rows"]) * train.num_workers,
+        train_rows=(
+            int(metrics["train_rows"]) * train.num_workers  # rank 0's sample, scaled
+            if "negatives_kept_fraction" in imbalance
+            else storage.read_json(join(run_uri, "features", "_report.json"))["rows"]["train"]
+        ),
         seconds=0.0,
         cpus=train.num_workers * train.cpus_per_worker,
         checkpoint_uri=storage_uri,

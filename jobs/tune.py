@@ -18,7 +18,14 @@ import xgboost as xgb
 from jobs.config import Config, TuneConfig, load_config
 from jobs.runtime import init_ray
 from jobs.storage import Storage, join
-from jobs.train import KNOWN_PARAMS, TrainingError, imbalance_plan, read_split, xgb_params
+from jobs.train import (
+    KNOWN_PARAMS,
+    TrainingError,
+    apply_imbalance,
+    imbalance_plan,
+    read_split,
+    xgb_params,
+)
 
 REPORT_EVERY = 5  # divides ASHA's rungs for the default grace_period (10) and factor (3)
 
@@ -87,7 +94,7 @@ class _ReportEvery(xgb.callback.TrainingCallback):
 
 
 def _trial(params: dict, data: dict, base: dict, rounds: int, early: int, metric: str) -> None:
-    dtrain = xgb.QuantileDMatrix(data["x_train"], data["y_train"])
+    dtrain = xgb.QuantileDMatrix(data["x_train"], data["y_train"], weight=data["weights"])
     dvalid = xgb.QuantileDMatrix(data["x_valid"], data["y_valid"], ref=dtrain)
     xgb.train(
         {**base, **params},
@@ -162,12 +169,20 @@ def tune_model(
     x_train, y_train = read_split(storage, run_uri, "train", label, names)
     x_valid, y_valid = read_split(storage, run_uri, "valid", label, names)
     imbalance = imbalance_plan(report["positives"]["train"], report["rows"]["train"], config.train)
+    # Trials optimise the same objective training will: weights or down-sampling included.
+    x_train, y_train, weights = apply_imbalance(x_train, y_train, imbalance, config.seed)
     base = xgb_params(config.train, config.seed, max(1, int(tune_cfg.cpus_per_trial)), imbalance)
     base["eval_metric"] = [tune_cfg.metric]
     trainable = tune.with_resources(
         tune.with_parameters(
             _trial,
-            data={"x_train": x_train, "y_train": y_train, "x_valid": x_valid, "y_valid": y_valid},
+            data={
+                "x_train": x_train,
+                "y_train": y_train,
+                "weights": weights,
+                "x_valid": x_valid,
+                "y_valid": y_valid,
+            },
             base=base,
             rounds=tune_cfg.num_boost_round,
             early=config.train.early_stopping_rounds,

@@ -1,8 +1,8 @@
 """Standardization and validation rules, applied to Arrow batches.
 
 The same functions run on each file's block during ingest, on batch-inference batches and on
-single HTTP records in serving, so a record is judged the same way online and offline. Every failing row gets a
-reason naming the rule and the column; rows are never dropped here, only labelled.
+single HTTP records in serving, so a record is judged the same way online and offline. Every
+failing row gets a reason naming the rule and the column; rows are never dropped here.
 """
 
 from __future__ import annotations
