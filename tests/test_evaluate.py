@@ -81,23 +81,29 @@ def test_report_and_metrics_written_next_to_the_run(pipeline_run):
     assert "<td>merchant_category</td>" in html and 'src="http' not in html
 
 
-def _new_run(result, tmp_path: Path, name: str) -> str:
-    destination = Path(result.run_uri).parent / name
+def _isolated_run(config, result, tmp_path: Path, name: str, **overrides):
+    """A copy of the shared storage (registry included) with a new run reusing the features,
+    so gate tests move aliases without touching what other test modules see."""
+    storage = tmp_path / "storage"
+    shutil.copytree(config.storage, storage)
+    destination = storage / "runs" / name
     shutil.copytree(Path(result.run_uri) / "features", destination / "features")
     shutil.copytree(Path(result.run_uri) / "ingest", destination / "ingest")
-    return str(destination)
+    return make_config("d", storage, **overrides), str(destination)
 
 
 def test_gate_keeps_production_when_the_candidate_is_worse(pipeline_run, tmp_path):
     config, result = pipeline_run
-    storage, registry_uri = Storage(), join(config.storage, "registry")
-    before = registry.get_alias(storage, registry_uri, config.name, "production")["version"]
-    weak = make_config(
-        "d",
-        config.storage,
+    weak, run_uri = _isolated_run(
+        config,
+        result,
+        tmp_path,
+        "weak",
         **{"train.num_boost_round": 2, "train.params": {"max_depth": 1, "eta": 0.01}},
     )
-    outcome = finish_run(weak, _new_run(result, tmp_path, "weak"), quiet=True)
+    storage, registry_uri = Storage(), join(weak.storage, "registry")
+    before = registry.get_alias(storage, registry_uri, config.name, "production")["version"]
+    outcome = finish_run(weak, run_uri, quiet=True)
     assert not outcome.promoted
     assert "does not beat" in outcome.gate["reason"]
     assert registry.get_alias(storage, registry_uri, config.name, "production")["version"] == before
@@ -107,10 +113,12 @@ def test_gate_keeps_production_when_the_candidate_is_worse(pipeline_run, tmp_pat
 
 def test_gate_promotes_a_winner_and_rollback_restores(pipeline_run, tmp_path):
     config, result = pipeline_run
-    storage, registry_uri = Storage(), join(config.storage, "registry")
+    lenient, run_uri = _isolated_run(
+        config, result, tmp_path, "lenient", **{"evaluate.promotion.min_improvement": -1.0}
+    )
+    storage, registry_uri = Storage(), join(lenient.storage, "registry")
     before = registry.get_alias(storage, registry_uri, config.name, "production")["version"]
-    lenient = make_config("d", config.storage, **{"evaluate.promotion.min_improvement": -1.0})
-    outcome = finish_run(lenient, _new_run(result, tmp_path, "lenient"), quiet=True)
+    outcome = finish_run(lenient, run_uri, quiet=True)
     assert outcome.promoted and "beats" in outcome.gate["reason"]
     assert registry.get_alias(storage, registry_uri, config.name, "production")["version"] == (
         outcome.version
