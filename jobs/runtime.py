@@ -45,6 +45,7 @@ def init_ray(config: Config | None = None, num_cpus: int | None = None) -> float
         )
     from ray.data import DataContext
 
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     context = DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False

@@ -208,6 +208,7 @@ def run_distributed(
     config: Config, train: TrainConfig, run_uri: str, storage: Storage, imbalance: dict
 ) -> TrainResult:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.v2.api.config import LoggingConfig
     from ray.train.xgboost import XGBoostTrainer
 
     spec = storage.read_json(join(run_uri, "features", "feature_spec.json"))
@@ -242,6 +243,7 @@ def run_distributed(
             storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
         datasets=datasets,
     )

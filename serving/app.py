@@ -203,8 +203,17 @@ def deploy(config: Config, loader: BundleLoader | None = None, wait_s: float = 1
     from jobs.runtime import init_ray
 
     init_ray(config)
-    serve.start(http_options={"host": config.serve.host, "port": config.serve.port})
-    serve.run(build_app(config, loader), name="rayline", route_prefix="/", blocking=False)
+    quiet = {"log_level": "WARNING"}  # request logs stay in Ray's log files, not the console
+    serve.start(
+        http_options={"host": config.serve.host, "port": config.serve.port}, logging_config=quiet
+    )
+    serve.run(
+        build_app(config, loader),
+        name="rayline",
+        route_prefix="/",
+        blocking=False,
+        logging_config=quiet,
+    )
     url = f"http://{config.serve.host}:{config.serve.port}"
     deadline = time.monotonic() + wait_s
     import requests
