@@ -207,10 +207,13 @@ class ServeConfig(Strict):
     port: int = 8000
     model: str = Field("", description="registered model name; defaults to the config's name")
     alias: str = "production"
-    max_batch_size: int = 64
+    max_batch_size: int = Field(
+        64, ge=1, description="records per model call (a larger single request goes alone)"
+    )
     batch_wait_timeout_s: float = 0.005
     max_records_per_request: int = 1000
     replica_cpus: float = Field(0.5, gt=0, description="CPUs reserved per Serve replica")
+    request_timeout_s: float = Field(30.0, gt=0, description="the proxy answers 408 after this")
 
 
 class S3Config(Strict):

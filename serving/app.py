@@ -124,6 +124,10 @@ class ModelServer:
         return results
 
 
+def records_in(requests: list[list[dict]]) -> int:
+    return sum(len(records) for records in requests)
+
+
 def build_app(config: Config, loader: BundleLoader | None = None):
     """The Serve application for `config`: Ingress -> ModelServer (with @serve.batch)."""
     serve_cfg = config.serve
@@ -146,7 +150,9 @@ def build_app(config: Config, loader: BundleLoader | None = None):
     api = FastAPI(title="rayline", description="Scores raw records with the registered model.")
 
     batched = serve.batch(
-        max_batch_size=serve_cfg.max_batch_size, batch_wait_timeout_s=serve_cfg.batch_wait_timeout_s
+        max_batch_size=serve_cfg.max_batch_size,
+        batch_wait_timeout_s=serve_cfg.batch_wait_timeout_s,
+        batch_size_fn=records_in,  # a batch is capped in records, not in requests
     )(ModelServer.score)
     # Serve admits 5 requests per replica by default, which capped every @serve.batch call at
     # 5 requests whatever max_batch_size said (Serve logs a warning saying so).
@@ -205,7 +211,12 @@ def deploy(config: Config, loader: BundleLoader | None = None, wait_s: float = 1
     init_ray(config)
     quiet = {"log_level": "WARNING"}  # request logs stay in Ray's log files, not the console
     serve.start(
-        http_options={"host": config.serve.host, "port": config.serve.port}, logging_config=quiet
+        http_options={
+            "host": config.serve.host,
+            "port": config.serve.port,
+            "request_timeout_s": config.serve.request_timeout_s,
+        },
+        logging_config=quiet,
     )
     serve.run(
         build_app(config, loader),
