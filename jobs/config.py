@@ -84,6 +84,10 @@ class SourceConfig(Strict):
         default_factory=dict, description="PII column -> hashed with a key or dropped"
     )
 
+    def columns(self) -> set[str]:
+        """The standard columns this source produces."""
+        return {*self.types, *([self.currency.output] if self.currency else [])}
+
 
 class JoinConfig(Strict):
     source: str
@@ -257,7 +261,42 @@ class Config(Strict):
             for rule in source.rules:
                 if isinstance(rule, References) and rule.source not in self.sources:
                     raise ValueError(f"sources.{name}.rules: unknown source {rule.source!r}")
+        self._check_columns()
         return self
+
+    def _check_columns(self) -> None:
+        """Every column a rule, join or feature names must be declared, so a typo fails here
+        with its key path instead of deep inside a Ray task."""
+
+        def require(path: str, column: str | None, source: str) -> None:
+            declared = self.sources[source].columns()
+            if column is not None and column not in declared:
+                raise ValueError(
+                    f"{path}: {column!r} is not a column of source {source!r} "
+                    f"(declared: {sorted(declared)})"
+                )
+
+        for name, source in self.sources.items():
+            require(f"sources.{name}.primary_key", source.primary_key, name)
+            for index, rule in enumerate(source.rules):
+                require(f"sources.{name}.rules[{index}].column", rule.column, name)
+                if isinstance(rule, References) and not self.sources[rule.source].primary_key:
+                    raise ValueError(
+                        f"sources.{name}.rules[{index}]: source {rule.source!r} "
+                        "needs a primary_key to be referenced"
+                    )
+            for key in (*source.normalize, *source.pii):
+                require(f"sources.{name}", key, name)
+            if source.currency:
+                require(f"sources.{name}.currency.amount", source.currency.amount, name)
+                require(f"sources.{name}.currency.code", source.currency.code, name)
+        for index, join in enumerate(self.joins):
+            require(f"joins[{index}].key", join.key, self.fact)
+            require(f"joins[{index}].key", join.key, join.source)
+        require("features.label", self.features.label, self.fact)
+        require("features.timestamp", self.features.timestamp, self.fact)
+        if self.features.history:
+            require("features.history.entity", self.features.history.entity, self.fact)
 
     def digest(self) -> str:
         """A stable hash of the effective config, recorded in lineage."""
@@ -268,10 +307,11 @@ class Config(Strict):
 def _format_errors(error: ValidationError, origin: str) -> str:
     lines = [f"invalid config {origin}:"]
     for item in error.errors():
-        path = ".".join(str(part) for part in item["loc"]) or "<root>"
+        path = ".".join(str(part) for part in item["loc"])
+        message = item["msg"].removeprefix("Value error, ")
         got = item.get("input")
         got_text = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
-        lines.append(f"  {path}: {item['msg']}{got_text}")
+        lines.append(f"  {path}: {message}{got_text}" if path else f"  {message}")
     return "\n".join(lines)
 
 

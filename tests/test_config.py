@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from jobs.config import Config, ConfigError, load_config, parse_config
+from tests.conftest import ROOT
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "fraud.yaml"
 
@@ -108,3 +109,19 @@ def test_digest_tracks_effective_config():
     base = load_config(CONFIG)
     assert base.digest() == load_config(CONFIG).digest()
     assert base.digest() != load_config(CONFIG, {"seed": 7}).digest()
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "path", "column"),
+    [
+        ("features.history.entity", "custmer_id", "features.history.entity", "custmer_id"),
+        ("features.label", "is_fraud", "features.label", "is_fraud"),
+        ("joins", [{"source": "customers", "key": "cust"}], "joins[0].key", "cust"),
+        ("sources.customers.pii", {"e_mail": "hash"}, "sources.customers", "e_mail"),
+    ],
+)
+def test_undeclared_columns_fail_before_any_work(key, value, path, column):
+    with pytest.raises(ConfigError) as raised:
+        load_config(ROOT / "configs" / "fraud.yaml", {key: value})
+    message = str(raised.value)
+    assert path in message and repr(column) in message
