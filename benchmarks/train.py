@@ -27,7 +27,7 @@ from jobs.features import build_features
 from jobs.ingest import ingest
 from jobs.runtime import init_ray
 from jobs.storage import Storage, join
-from jobs.train import imbalance_plan, read_split, train_model, xgb_params
+from jobs.train import load_splits, train_model, xgb_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,16 +59,10 @@ def prepared_run(rows: int, base: Path, config_overrides: dict):
 def plain_xgboost(config, run_uri: str) -> dict:
     """What a user would write by hand: read parquet, QuantileDMatrix, xgboost.train, save."""
     started = time.perf_counter()
-    storage = Storage()
-    report = storage.read_json(join(run_uri, "features", "_report.json"))
-    spec = storage.read_json(join(run_uri, "features", "feature_spec.json"))
-    names, label = spec["feature_names"], config.features.label
-    x_train, y_train = read_split(storage, run_uri, "train", label, names)
-    x_valid, y_valid = read_split(storage, run_uri, "valid", label, names)
-    imbalance = imbalance_plan(report["positives"]["train"], report["rows"]["train"], config.train)
-    params = xgb_params(config.train, config.seed, os.cpu_count(), imbalance)
-    dtrain = xgb.QuantileDMatrix(x_train, y_train)
-    dvalid = xgb.QuantileDMatrix(x_valid, y_valid, ref=dtrain)
+    splits = load_splits(Storage(), run_uri, config)
+    params = xgb_params(config.train, config.seed, os.cpu_count(), splits.imbalance)
+    dtrain = xgb.QuantileDMatrix(splits.x_train, splits.y_train)
+    dvalid = xgb.QuantileDMatrix(splits.x_valid, splits.y_valid, ref=dtrain)
     booster = xgb.train(
         params,
         dtrain,

@@ -21,21 +21,22 @@ import xgboost as xgb
 
 from benchmarks.train import ROOT, prepared_run
 from jobs.runtime import init_ray
-from jobs.storage import Storage, join
-from jobs.train import imbalance_plan, read_split, xgb_params
+from jobs.storage import Storage
+from jobs.train import load_splits, xgb_params
 from jobs.tune import tune_model
 
 
 def plain_optuna(config, run_uri: str, trials: int) -> dict:
     """Sequential Optuna with all cores per trial, the same space, rounds and early stopping."""
     started = time.perf_counter()
-    storage = Storage()
-    report = storage.read_json(join(run_uri, "features", "_report.json"))
-    spec = storage.read_json(join(run_uri, "features", "feature_spec.json"))
-    names, label = spec["feature_names"], config.features.label
-    x_train, y_train = read_split(storage, run_uri, "train", label, names)
-    x_valid, y_valid = read_split(storage, run_uri, "valid", label, names)
-    imbalance = imbalance_plan(report["positives"]["train"], report["rows"]["train"], config.train)
+    splits = load_splits(Storage(), run_uri, config)
+    x_train, y_train, x_valid, y_valid = (
+        splits.x_train,
+        splits.y_train,
+        splits.x_valid,
+        splits.y_valid,
+    )
+    imbalance = splits.imbalance
     base = {
         **xgb_params(config.train, config.seed, os.cpu_count(), imbalance),
         "eval_metric": ["aucpr"],

@@ -258,6 +258,30 @@ def train_model(
     return result
 
 
+@dataclass
+class Splits:
+    """The train and valid matrices of a run, with the class-imbalance record they imply."""
+
+    names: list[str]
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_valid: np.ndarray
+    y_valid: np.ndarray
+    imbalance: dict
+
+
+def load_splits(storage: Storage, run_uri: str, config: Config) -> Splits:
+    """Reads a run's train/valid features and measures the class ratio (the single plan, Tune,
+    and the benchmarks' plain baselines all start here)."""
+    spec = storage.read_json(join(run_uri, "features", "feature_spec.json"))
+    report = storage.read_json(join(run_uri, "features", "_report.json"))
+    names, label = spec["feature_names"], config.features.label
+    x_train, y_train = read_split(storage, run_uri, "train", label, names)
+    x_valid, y_valid = read_split(storage, run_uri, "valid", label, names)
+    imbalance = imbalance_plan(report["positives"]["train"], report["rows"]["train"], config.train)
+    return Splits(names, x_train, y_train, x_valid, y_valid, imbalance)
+
+
 def load_booster(storage: Storage, uri: str) -> xgb.Booster:
     booster = xgb.Booster()
     booster.load_model(bytearray(storage.read_bytes(uri)))

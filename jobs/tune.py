@@ -22,8 +22,7 @@ from jobs.train import (
     KNOWN_PARAMS,
     TrainingError,
     apply_imbalance,
-    imbalance_plan,
-    read_split,
+    load_splits,
     xgb_params,
 )
 
@@ -163,14 +162,12 @@ def tune_model(
     started = time.perf_counter()
     tune_cfg = config.tune
     search_space(tune_cfg)  # fail on bad names before loading data
-    spec = storage.read_json(join(run_uri, "features", "feature_spec.json"))
-    report = storage.read_json(join(run_uri, "features", "_report.json"))
-    names, label = spec["feature_names"], config.features.label
-    x_train, y_train = read_split(storage, run_uri, "train", label, names)
-    x_valid, y_valid = read_split(storage, run_uri, "valid", label, names)
-    imbalance = imbalance_plan(report["positives"]["train"], report["rows"]["train"], config.train)
+    splits = load_splits(storage, run_uri, config)
+    x_valid, y_valid, imbalance = splits.x_valid, splits.y_valid, splits.imbalance
     # Trials optimise the same objective training will: weights or down-sampling included.
-    x_train, y_train, weights = apply_imbalance(x_train, y_train, imbalance, config.seed)
+    x_train, y_train, weights = apply_imbalance(
+        splits.x_train, splits.y_train, imbalance, config.seed
+    )
     base = xgb_params(config.train, config.seed, max(1, int(tune_cfg.cpus_per_trial)), imbalance)
     base["eval_metric"] = [tune_cfg.metric]
     trainable = tune.with_resources(
