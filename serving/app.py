@@ -27,12 +27,12 @@ from jobs.storage import Storage, join
 from jobs.validate import ARROW_TYPES
 
 PYTHON_TYPES = {
-    "string": str,
+    "string": str | int,  # ids often arrive as numbers; they are compared as strings
     "int64": int,
     "float64": float,
     "bool": bool,
-    "timestamp": "datetime",
-    "date": "date",
+    "timestamp": datetime,
+    "date": date,
 }
 
 
@@ -55,9 +55,7 @@ def record_model(spec: FeatureSpec) -> type[BaseModel]:
     required = {rule.column for rule in source.rules if rule.check == "not_null"}
     fields: dict[str, Any] = {}
     for column, kind in source.types.items():
-        python = {"datetime": datetime, "date": date}.get(PYTHON_TYPES[kind], PYTHON_TYPES[kind])
-        if python is str:
-            python = str | int  # ids often arrive as numbers; they are compared as strings
+        python = PYTHON_TYPES[kind]
         if column in required and column != source.primary_key:
             fields[column] = (python, Field(...))
         else:
