@@ -42,4 +42,6 @@ def generate_command(
 
 
 if __name__ == "__main__":
-    app()
+    from jobs.runtime import run_cli
+
+    run_cli(app)

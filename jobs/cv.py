@@ -19,7 +19,7 @@ from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from jobs.config import Config, load_config
 from jobs.evaluate import choose_threshold, classification_metrics
-from jobs.runtime import init_ray
+from jobs.runtime import init_ray, run_cli
 from jobs.storage import Storage, join
 from jobs.train import apply_imbalance, imbalance_plan, read_split, xgb_params
 
@@ -138,4 +138,4 @@ def main(
 
 
 if __name__ == "__main__":
-    typer.run(main)
+    run_cli(main)

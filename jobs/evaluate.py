@@ -155,7 +155,9 @@ def main(
 
 
 if __name__ == "__main__":
-    typer.run(main)
+    from jobs.runtime import run_cli
+
+    run_cli(main)
 
 
 def promotion_gate(config: Config, run_uri: str, candidate: dict, storage: Storage) -> dict:

@@ -28,7 +28,7 @@ from jobs.featurespec import (
     history_state,
     transform,
 )
-from jobs.runtime import Stopwatch, fingerprint, init_ray, table_hash, write_parquet_blocks
+from jobs.runtime import Stopwatch, fingerprint, init_ray, run_cli, table_hash, write_parquet_blocks
 from jobs.storage import Storage, join
 
 SPLITS = ("train", "valid", "test")
@@ -293,4 +293,4 @@ def main(
 
 
 if __name__ == "__main__":
-    typer.run(main)
+    run_cli(main)

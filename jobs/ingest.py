@@ -27,6 +27,7 @@ from jobs.runtime import (
     init_ray,
     new_run_id,
     pii_key,
+    run_cli,
     table_hash,
     write_parquet_blocks,
 )
@@ -333,4 +334,4 @@ def main(config: str = typer.Option(..., help="Path to the pipeline config YAML"
 
 
 if __name__ == "__main__":
-    typer.run(main)
+    run_cli(main)

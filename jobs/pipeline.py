@@ -18,7 +18,7 @@ from jobs.config import Config, load_config
 from jobs.evaluate import evaluate, promotion_gate
 from jobs.features import build_features
 from jobs.ingest import ingest
-from jobs.runtime import init_ray, new_run_id
+from jobs.runtime import init_ray, new_run_id, run_cli
 from jobs.storage import Storage, join
 from jobs.train import train_model
 
@@ -136,4 +136,4 @@ def main(
 
 
 if __name__ == "__main__":
-    typer.run(main)
+    run_cli(main)

@@ -19,7 +19,7 @@ from ray.data.expressions import col
 from jobs.config import Config, load_config
 from jobs.featurespec import enrich, feature_matrix, transform
 from jobs.registry import Bundle, load_bundle
-from jobs.runtime import init_ray
+from jobs.runtime import init_ray, run_cli
 from jobs.storage import Storage, join
 
 
@@ -151,4 +151,4 @@ def main(
 
 
 if __name__ == "__main__":
-    typer.run(main)
+    run_cli(main)

@@ -313,4 +313,6 @@ def rollback_command(
 
 
 if __name__ == "__main__":
-    app()
+    from jobs.runtime import run_cli
+
+    run_cli(app)

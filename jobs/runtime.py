@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 import polars as pl
 import pyarrow as pa
 
-from jobs.config import Config
+from jobs.config import Config, ConfigError
 
 DEMO_PII_KEY = b"rayline-demo-key-not-for-production"
 log = logging.getLogger("rayline")
@@ -63,7 +63,7 @@ def pii_key(config: Config) -> bytes:
     if value:
         return value.encode()
     if not config.pii.allow_demo_key:
-        raise ValueError(
+        raise ConfigError(
             f"set {config.pii.key_env} to the secret key for hashing PII "
             "(or pii.allow_demo_key: true for sample data)"
         )
@@ -145,3 +145,24 @@ def write_parquet_blocks(storage, blocks: list, uri: str, schema: pa.Schema | No
         )
         written = 1
     return written
+
+
+def run_cli(command) -> None:
+    """Runs a typer command or app; a bad input (config, source, schema, training, registry or
+    storage problem) exits 2 with one line naming what is wrong instead of a traceback."""
+    import sys
+
+    import typer
+
+    from jobs.registry import BundleError
+    from jobs.sources import SourceError
+    from jobs.storage import StorageError
+    from jobs.train import TrainingError
+    from jobs.validate import SchemaError
+
+    bad_input = (ConfigError, SourceError, SchemaError, TrainingError, BundleError, StorageError)
+    try:
+        command() if isinstance(command, typer.Typer) else typer.run(command)
+    except bad_input as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

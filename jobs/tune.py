@@ -16,7 +16,7 @@ import typer
 import xgboost as xgb
 
 from jobs.config import Config, TuneConfig, load_config
-from jobs.runtime import init_ray
+from jobs.runtime import init_ray, run_cli
 from jobs.storage import Storage, join
 from jobs.train import (
     KNOWN_PARAMS,
@@ -269,4 +269,4 @@ def main(
 
 
 if __name__ == "__main__":
-    typer.run(main)
+    run_cli(main)

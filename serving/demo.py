@@ -69,4 +69,6 @@ def main(
 
 
 if __name__ == "__main__":
-    typer.run(main)
+    from jobs.runtime import run_cli
+
+    run_cli(main)
