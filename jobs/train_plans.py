@@ -22,7 +22,7 @@ from jobs.train import (
     checkpoint_uri,
     fit_booster,
     load_booster,
-    read_split,
+    load_splits,
     save_booster,
     to_matrix,
     training_key,
@@ -88,14 +88,14 @@ def _train_task(
     nthread: int,
 ) -> dict:
     """The single plan: read the splits with pyarrow, train with every CPU of this task."""
-    spec = storage.read_json(join(run_uri, "features", "feature_spec.json"))
-    names, label = spec["feature_names"], config.features.label
-    x_train, y_train = read_split(storage, run_uri, "train", label, names)
-    x_valid, y_valid = read_split(storage, run_uri, "valid", label, names)
-    x_train, y_train, weights = apply_imbalance(x_train, y_train, imbalance, config.seed)
+    splits = load_splits(storage, run_uri, config)
+    names = splits.names
+    x_train, y_train, weights = apply_imbalance(
+        splits.x_train, splits.y_train, imbalance, config.seed
+    )
     params = xgb_params(train, config.seed, nthread, imbalance)
     dtrain = xgb.QuantileDMatrix(x_train, y_train, weight=weights, feature_names=names)
-    dvalid = xgb.QuantileDMatrix(x_valid, y_valid, ref=dtrain, feature_names=names)
+    dvalid = xgb.QuantileDMatrix(splits.x_valid, splits.y_valid, ref=dtrain, feature_names=names)
     checkpoints = checkpoint_uri(run_uri, train, config.seed)
     start, state = latest_checkpoint(storage, checkpoints)
     resumed = start.num_boosted_rounds() if start is not None else 0

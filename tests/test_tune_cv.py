@@ -64,7 +64,6 @@ def test_interrupted_tune_resumes_without_rerunning_finished_trials(pipeline_run
     config_path = tmp_path / "tune.yaml"
     config_path.write_text(yaml.safe_dump(tuning.model_dump(mode="json")))
     run_uri = str(tmp_path / "run")
-    os.symlink(Path(result.run_uri) / "features", tmp_path / "features-link")
     (tmp_path / "run").mkdir()
     os.symlink(Path(result.run_uri) / "features", Path(run_uri) / "features")
     process = subprocess.Popen(
