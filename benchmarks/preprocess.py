@@ -40,7 +40,8 @@ from jobs.config import Config, load_config
 from jobs.data import generate
 from jobs.features import build_features
 from jobs.ingest import ingest
-from jobs.runtime import init_ray, pii_key
+from jobs.pii import pii_key
+from jobs.ray_runtime import init_ray
 
 IMPLEMENTATIONS = ("rayline", "polars", "pandas")
 SOURCES = ("transactions", "customers", "merchants")

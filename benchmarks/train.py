@@ -21,13 +21,14 @@ from typing import Annotated
 import typer
 import xgboost as xgb
 
+from jobs.boosting import load_splits, xgb_params
 from jobs.config import load_config
 from jobs.data import generate
 from jobs.features import build_features
 from jobs.ingest import ingest
-from jobs.runtime import init_ray
+from jobs.ray_runtime import init_ray
 from jobs.storage import Storage, join
-from jobs.train import load_splits, train_model, xgb_params
+from jobs.train import train_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -20,9 +20,9 @@ import typer
 import xgboost as xgb
 
 from benchmarks.train import ROOT, prepared_run
-from jobs.runtime import init_ray
+from jobs.boosting import load_splits, xgb_params
+from jobs.ray_runtime import init_ray
 from jobs.storage import Storage
-from jobs.train import load_splits, xgb_params
 from jobs.tune import tune_model
 
 

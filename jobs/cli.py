@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from jobs import cv, evaluate, features, ingest, pipeline, predict, registry, train, tune
+from jobs.entrypoint import run_cli
 
 app = typer.Typer(help="rayline: raw data to a served XGBoost model, on Ray.", no_args_is_help=True)
 data_app = typer.Typer(help="Sample data.", no_args_is_help=True)
@@ -41,7 +42,10 @@ def generate_command(
     )
 
 
-if __name__ == "__main__":
-    from jobs.runtime import run_cli
-
+def main() -> None:
+    """The `rayline` console script: bad input exits 2 with one line, never a traceback."""
     run_cli(app)
+
+
+if __name__ == "__main__":
+    main()

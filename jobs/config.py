@@ -14,9 +14,9 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from jobs.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A configuration problem, with the key path and what was expected."""
+__all__ = ["Config", "ConfigError", "load_config", "parse_config"]
 
 
 class Strict(BaseModel):

@@ -17,11 +17,12 @@ import typer
 import xgboost as xgb
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
+from jobs.boosting import apply_imbalance, imbalance_plan, read_split, xgb_params
 from jobs.config import Config, load_config
+from jobs.entrypoint import run_cli
 from jobs.evaluate import choose_threshold, classification_metrics
-from jobs.runtime import init_ray, run_cli
+from jobs.ray_runtime import init_ray
 from jobs.storage import Storage, join
-from jobs.train import apply_imbalance, imbalance_plan, read_split, xgb_params
 
 METRICS = ("roc_auc", "pr_auc", "log_loss", "brier", "precision", "recall", "f1")
 

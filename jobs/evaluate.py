@@ -16,10 +16,10 @@ import xgboost as xgb
 from sklearn import metrics as skm
 from sklearn.calibration import calibration_curve
 
+from jobs.boosting import load_booster, to_matrix
 from jobs.config import Config, ThresholdConfig, load_config
 from jobs.featurespec import FeatureSpec
 from jobs.storage import Storage, join
-from jobs.train import load_booster, to_matrix
 
 
 @dataclass
@@ -155,7 +155,7 @@ def main(
 
 
 if __name__ == "__main__":
-    from jobs.runtime import run_cli
+    from jobs.entrypoint import run_cli
 
     run_cli(main)
 

@@ -18,7 +18,9 @@ import pyarrow.parquet as pq
 import ray
 import typer
 
+from jobs.blocks import write_parquet_blocks
 from jobs.config import Config, load_config
+from jobs.entrypoint import run_cli
 from jobs.featurespec import (
     SPLIT,
     FeatureSpec,
@@ -28,7 +30,9 @@ from jobs.featurespec import (
     history_state,
     transform,
 )
-from jobs.runtime import Stopwatch, fingerprint, init_ray, run_cli, table_hash, write_parquet_blocks
+from jobs.fingerprints import fingerprint, table_hash
+from jobs.ray_runtime import init_ray
+from jobs.stopwatch import Stopwatch
 from jobs.storage import Storage, join
 
 SPLITS = ("train", "valid", "test")

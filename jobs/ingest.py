@@ -20,18 +20,15 @@ import ray
 import typer
 
 from jobs import validate
+from jobs.blocks import write_parquet_blocks
 from jobs.config import Config, SourceConfig, Unique, load_config
-from jobs.runtime import (
-    Stopwatch,
-    fingerprint,
-    init_ray,
-    new_run_id,
-    pii_key,
-    run_cli,
-    table_hash,
-    write_parquet_blocks,
-)
+from jobs.entrypoint import run_cli
+from jobs.fingerprints import fingerprint, table_hash
+from jobs.pii import pii_key
+from jobs.ray_runtime import init_ray
+from jobs.runs import new_run_id
 from jobs.sources import SourceError, probe, quarantine_file, read_text_file
+from jobs.stopwatch import Stopwatch
 from jobs.storage import Storage, join
 
 QUARANTINE_SCHEMA = pa.schema(

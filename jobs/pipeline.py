@@ -15,10 +15,12 @@ import typer
 
 from jobs import registry
 from jobs.config import Config, load_config
+from jobs.entrypoint import run_cli
 from jobs.evaluate import evaluate, promotion_gate
 from jobs.features import build_features
 from jobs.ingest import ingest
-from jobs.runtime import init_ray, new_run_id, run_cli
+from jobs.ray_runtime import init_ray
+from jobs.runs import new_run_id
 from jobs.storage import Storage, join
 from jobs.train import train_model
 

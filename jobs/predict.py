@@ -17,9 +17,10 @@ import typer
 from ray.data.expressions import col
 
 from jobs.config import Config, load_config
+from jobs.entrypoint import run_cli
 from jobs.featurespec import enrich, feature_matrix, transform
+from jobs.ray_runtime import init_ray
 from jobs.registry import Bundle, load_bundle
-from jobs.runtime import init_ray, run_cli
 from jobs.storage import Storage, join
 
 

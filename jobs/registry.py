@@ -22,14 +22,11 @@ import pyarrow.parquet as pq
 import typer
 import xgboost as xgb
 
+from jobs.errors import BundleError
 from jobs.featurespec import FeatureSpec
 from jobs.storage import Storage, join
 
 MANIFEST = "manifest.json"
-
-
-class BundleError(ValueError):
-    """A bundle or alias is missing, incomplete or fails its checksums."""
 
 
 @dataclass
@@ -313,6 +310,6 @@ def rollback_command(
 
 
 if __name__ == "__main__":
-    from jobs.runtime import run_cli
+    from jobs.entrypoint import run_cli
 
     run_cli(app)

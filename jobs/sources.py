@@ -18,11 +18,8 @@ import pyarrow.parquet as pq
 
 from jobs import validate
 from jobs.config import SourceConfig
-from jobs.storage import Storage, StorageError, join
-
-
-class SourceError(ValueError):
-    """A source is missing or unusable; the message names it."""
+from jobs.errors import SourceError, StorageError
+from jobs.storage import Storage, join
 
 
 def probe(storage: Storage, name: str, source: SourceConfig) -> tuple[list[str], dict[str, str]]:

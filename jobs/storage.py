@@ -17,10 +17,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from jobs.config import S3Config
-
-
-class StorageError(OSError):
-    """A storage operation failed; the message names the URI."""
+from jobs.errors import StorageError
 
 
 def is_s3(uri: str) -> bool:

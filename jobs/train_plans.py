@@ -11,12 +11,9 @@ import pyarrow as pa
 import ray
 import xgboost as xgb
 
-from jobs.config import Config, TrainConfig
-from jobs.storage import Storage, join
-from jobs.train import (
+from jobs.boosting import (
     MODEL_FILE,
     ResumableEarlyStopping,
-    TrainingError,
     TrainResult,
     apply_imbalance,
     checkpoint_uri,
@@ -28,6 +25,9 @@ from jobs.train import (
     training_key,
     xgb_params,
 )
+from jobs.config import Config, TrainConfig
+from jobs.errors import TrainingError
+from jobs.storage import Storage, join
 
 STOPPER_FILE = "early_stopping.json"
 

@@ -15,16 +15,12 @@ import numpy as np
 import typer
 import xgboost as xgb
 
+from jobs.boosting import KNOWN_PARAMS, apply_imbalance, load_splits, xgb_params
 from jobs.config import Config, TuneConfig, load_config
-from jobs.runtime import init_ray, run_cli
+from jobs.entrypoint import run_cli
+from jobs.errors import TrainingError
+from jobs.ray_runtime import init_ray
 from jobs.storage import Storage, join
-from jobs.train import (
-    KNOWN_PARAMS,
-    TrainingError,
-    apply_imbalance,
-    load_splits,
-    xgb_params,
-)
 
 REPORT_EVERY = 5  # divides ASHA's rungs for the default grace_period (10) and factor (3)
 

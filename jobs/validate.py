@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from jobs.config import Allowed, NotNull, Range, References, SourceConfig
+from jobs.errors import SchemaError
 
 REASON = "_reason"
 RECORD = "_record"
@@ -30,10 +31,6 @@ ARROW_TYPES = {
     "timestamp": pa.timestamp("s"),
     "date": pa.date32(),
 }
-
-
-class SchemaError(ValueError):
-    """A source cannot be mapped to its declared schema; names the source and column."""
 
 
 def raw_columns(source: SourceConfig) -> dict[str, str]:

@@ -204,7 +204,7 @@ def app_builder(args: dict):
 
 def deploy(config: Config, loader: BundleLoader | None = None, wait_s: float = 120.0) -> str:
     """Starts Serve on the configured host/port and deploys; returns the base URL."""
-    from jobs.runtime import init_ray
+    from jobs.ray_runtime import init_ray
 
     init_ray(config)
     quiet = {"log_level": "WARNING"}  # request logs stay in Ray's log files, not the console
@@ -251,6 +251,6 @@ def main(
 
 
 if __name__ == "__main__":
-    from jobs.runtime import run_cli
+    from jobs.entrypoint import run_cli
 
     run_cli(main)

@@ -69,6 +69,6 @@ def main(
 
 
 if __name__ == "__main__":
-    from jobs.runtime import run_cli
+    from jobs.entrypoint import run_cli
 
     run_cli(main)

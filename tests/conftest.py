@@ -64,7 +64,7 @@ def wait_for_port(port: int, timeout: float = 30.0) -> None:
 def ray_session():
     import ray
 
-    from jobs.runtime import init_ray
+    from jobs.ray_runtime import init_ray
 
     init_ray(num_cpus=2)
     yield ray

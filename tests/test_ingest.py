@@ -18,8 +18,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.ingest import SourceError, ingest
-from jobs.validate import SchemaError
+from jobs.errors import SchemaError, SourceError
+from jobs.ingest import ingest
 from tests.conftest import make_config
 
 HEX32 = re.compile(r"^[0-9a-f]{32}$")

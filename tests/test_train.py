@@ -11,15 +11,11 @@ from pathlib import Path
 import psutil
 import pytest
 
+from jobs.boosting import checkpoint_uri, imbalance_plan
+from jobs.errors import TrainingError
 from jobs.registry import load_bundle
 from jobs.storage import Storage, join
-from jobs.train import (
-    TrainingError,
-    checkpoint_uri,
-    choose_plan,
-    imbalance_plan,
-    train_model,
-)
+from jobs.train import choose_plan, train_model
 from tests.conftest import make_config
 
 

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from jobs.cv import cross_validate
-from jobs.train import TrainingError
+from jobs.errors import TrainingError
 from jobs.tune import search_space, tune_model
 from tests.conftest import ROOT, make_config
 

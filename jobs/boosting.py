@@ -1,0 +1,245 @@
+"""XGBoost training pieces shared by both plans, Tune, CV and the benchmarks.
+
+Parameters, class-imbalance handling, resumable early stopping, the training function itself,
+checkpoint keys, and reading splits and boosters from storage. `jobs.train` composes them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import xgboost as xgb
+
+from jobs.config import Config, TrainConfig
+from jobs.errors import TrainingError
+from jobs.featurespec import feature_matrix
+from jobs.storage import Storage, join
+
+KNOWN_PARAMS = {
+    "eta",
+    "learning_rate",
+    "max_depth",
+    "min_child_weight",
+    "subsample",
+    "colsample_bytree",
+    "colsample_bylevel",
+    "colsample_bynode",
+    "gamma",
+    "min_split_loss",
+    "lambda",
+    "reg_lambda",
+    "alpha",
+    "reg_alpha",
+    "max_delta_step",
+    "max_bin",
+    "max_leaves",
+    "grow_policy",
+    "tree_method",
+    "scale_pos_weight",
+    "sampling_method",
+    "num_parallel_tree",
+    "base_score",
+    "max_cat_to_onehot",
+    "monotone_constraints",
+    "interaction_constraints",
+    "seed",
+    "nthread",
+}
+MODEL_FILE = "model.ubj"
+
+
+@dataclass
+class TrainResult:
+    model_uri: str
+    plan: str
+    plan_reason: str
+    params: dict
+    imbalance: dict
+    best_iteration: int
+    rounds: int
+    valid_aucpr: float
+    resumed_from_round: int
+    train_rows: int
+    seconds: float
+    cpus: float
+    checkpoint_uri: str = ""
+    history: dict = field(default_factory=dict)
+
+
+def xgb_params(
+    train: TrainConfig, seed: int, nthread: int | None = None, imbalance: dict | None = None
+) -> dict:
+    unknown = sorted(set(train.params) - KNOWN_PARAMS)
+    if unknown:
+        raise TrainingError(
+            f"unknown hyperparameter(s) {unknown} in train.params; known: {sorted(KNOWN_PARAMS)}"
+        )
+    params = {
+        "objective": "binary:logistic",
+        "eval_metric": ["logloss", "auc", "aucpr"],
+        "tree_method": "hist",
+        "seed": seed,
+        "verbosity": 0,
+        **train.params,
+    }
+    if train.gpus_per_worker > 0:
+        params["device"] = "cuda"
+    if train.imbalance.strategy == "scale_pos_weight" and imbalance:
+        params["scale_pos_weight"] = imbalance["scale_pos_weight"]
+    if nthread:
+        params["nthread"] = nthread
+    return params
+
+
+def to_matrix(
+    table: pa.Table, label: str, feature_names: list[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    labels = table.column(label).to_numpy(zero_copy_only=False).astype(np.float32)
+    return feature_matrix(table, feature_names), labels
+
+
+def imbalance_plan(positives: int, rows: int, train: TrainConfig) -> dict:
+    """Measures the class ratio and records how it is handled (this record goes in the bundle)."""
+    negatives = rows - positives
+    if positives == 0 or negatives == 0:
+        raise TrainingError(
+            f"the training split has a single class ({positives} positives, {negatives} "
+            "negatives): nothing to learn"
+        )
+    ratio = negatives / positives
+    record = {"strategy": train.imbalance.strategy, "negatives_per_positive": round(ratio, 3)}
+    if train.imbalance.strategy == "scale_pos_weight":
+        record["scale_pos_weight"] = round(ratio, 3)
+    elif train.imbalance.strategy == "sample_weight":
+        record["positive_weight"] = round(ratio, 3)
+    elif train.imbalance.strategy == "downsample":
+        ratio_kept = train.imbalance.downsample_ratio * positives / negatives
+        record["negatives_kept_fraction"] = round(min(1.0, ratio_kept), 6)
+    return record
+
+
+def apply_imbalance(
+    features: np.ndarray, labels: np.ndarray, record: dict, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Applies the recorded strategy to one shard: returns features, labels, sample weights."""
+    if "positive_weight" in record:
+        return features, labels, np.where(labels == 1, record["positive_weight"], 1.0)
+    if "negatives_kept_fraction" in record:
+        rng = np.random.default_rng(seed)
+        keep = (labels == 1) | (rng.random(len(labels)) < record["negatives_kept_fraction"])
+        return features[keep], labels[keep], None
+    return features, labels, None
+
+
+class ResumableEarlyStopping(xgb.callback.TrainingCallback):
+    """Early stopping on the validation metric whose state survives a restart.
+
+    XGBoost's own EarlyStopping starts afresh when training continues from a checkpoint, so a
+    resumed run could pick a different best round than an uninterrupted one; this one is saved
+    with every checkpoint and restored with it.
+    """
+
+    def __init__(self, patience: int, metric: str = "aucpr", state: dict | None = None):
+        state = state or {}
+        self.patience, self.metric = patience, metric
+        self.best_score: float | None = state.get("best_score")
+        self.best_iteration: int = state.get("best_iteration", -1)
+
+    def after_iteration(self, model, epoch, evals_log) -> bool:
+        score = float(evals_log["valid"][self.metric][-1])
+        iteration = model.num_boosted_rounds() - 1
+        if self.best_score is None or score > self.best_score:
+            self.best_score, self.best_iteration = score, iteration
+        return iteration - self.best_iteration >= self.patience
+
+    def state(self) -> dict:
+        return {"best_score": self.best_score, "best_iteration": self.best_iteration}
+
+
+def fit_booster(
+    dtrain: xgb.DMatrix,
+    dvalid: xgb.DMatrix,
+    params: dict,
+    train: TrainConfig,
+    callbacks: list,
+    start_from: xgb.Booster | None = None,
+    stopper: ResumableEarlyStopping | None = None,
+) -> tuple[xgb.Booster, dict]:
+    """The training function both plans share; continues `start_from` when resuming.
+
+    `stopper` goes first among the callbacks, so checkpoints taken after it see its state.
+    """
+    done = start_from.num_boosted_rounds() if start_from is not None else 0
+    stopper = stopper or ResumableEarlyStopping(train.early_stopping_rounds)
+    history: dict = {}
+    booster = xgb.train(
+        params,
+        dtrain,
+        num_boost_round=max(0, train.num_boost_round - done),
+        evals=[(dvalid, "valid")],
+        callbacks=[stopper, *callbacks],
+        xgb_model=start_from,
+        evals_result=history,
+        verbose_eval=False,
+    )
+    return booster, history
+
+
+def training_key(train: TrainConfig, seed: int) -> str:
+    """Names one training configuration: a retry resumes its checkpoints, while a different
+    configuration (a tuned one, say) in the same run starts from round 0."""
+    settings = train.model_dump(mode="json", exclude={"max_failures", "plan"})
+    payload = json.dumps({"train": settings, "seed": seed}, sort_keys=True).encode()
+    return hashlib.sha256(payload).hexdigest()[:12]
+
+
+def checkpoint_uri(run_uri: str, train: TrainConfig, seed: int) -> str:
+    return join(run_uri, "train", "checkpoints", training_key(train, seed))
+
+
+@dataclass
+class Splits:
+    """The train and valid matrices of a run, with the class-imbalance record they imply."""
+
+    names: list[str]
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_valid: np.ndarray
+    y_valid: np.ndarray
+    imbalance: dict
+
+
+def load_splits(storage: Storage, run_uri: str, config: Config) -> Splits:
+    """Reads a run's train/valid features and measures the class ratio (the single plan, Tune,
+    and the benchmarks' plain baselines all start here)."""
+    spec = storage.read_json(join(run_uri, "features", "feature_spec.json"))
+    report = storage.read_json(join(run_uri, "features", "_report.json"))
+    names, label = spec["feature_names"], config.features.label
+    x_train, y_train = read_split(storage, run_uri, "train", label, names)
+    x_valid, y_valid = read_split(storage, run_uri, "valid", label, names)
+    imbalance = imbalance_plan(report["positives"]["train"], report["rows"]["train"], config.train)
+    return Splits(names, x_train, y_train, x_valid, y_valid, imbalance)
+
+
+def load_booster(storage: Storage, uri: str) -> xgb.Booster:
+    booster = xgb.Booster()
+    booster.load_model(bytearray(storage.read_bytes(uri)))
+    return booster
+
+
+def save_booster(storage: Storage, booster: xgb.Booster, uri: str) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder, MODEL_FILE)
+        booster.save_model(path)
+        storage.write_bytes(uri, path.read_bytes())
+
+
+def read_split(storage: Storage, run_uri: str, split: str, label: str, names: list[str]):
+    table = storage.read_table_dir(join(run_uri, "features", split))
+    return to_matrix(table, label, names)

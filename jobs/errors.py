@@ -1,0 +1,40 @@
+"""Error types for bad input, at the bottom of the import stack.
+
+Every stage raises one of these with a message naming the key path, source, file, URI or
+version; the entry point (`jobs.entrypoint.run_cli`) turns them into one line and exit code 2.
+Nothing here imports anything else from `jobs`.
+"""
+
+from __future__ import annotations
+
+
+class RaylineError(Exception):
+    """Base of every error an entry point reports as one line (bad input, not a bug)."""
+
+
+class ConfigError(RaylineError, ValueError):
+    """A configuration problem, with the key path and what was expected."""
+
+
+class StorageError(RaylineError, OSError):
+    """A storage operation failed; the message names the URI."""
+
+
+class SourceError(RaylineError, ValueError):
+    """A source is missing or unusable; the message names it."""
+
+
+class SchemaError(RaylineError, ValueError):
+    """A source cannot be mapped to its declared schema; names the source and column."""
+
+
+class TrainingError(RaylineError, ValueError):
+    """Training cannot start or finish; the message says what is wrong."""
+
+
+class BundleError(RaylineError, ValueError):
+    """A bundle or alias is missing, incomplete or fails its checksums."""
+
+
+class ConflictError(RaylineError):
+    """A concurrent writer won a race (a version folder or an alias); the caller may retry."""
