@@ -83,6 +83,22 @@ class SourceConfig(Strict):
     pii: dict[str, Literal["hash", "drop"]] = Field(
         default_factory=dict, description="PII column -> hashed with a key or dropped"
     )
+    encoding: str = Field(
+        "utf-8", description="text encoding of CSV/JSONL files; undecodable lines are quarantined"
+    )
+    multiline: bool = Field(
+        False, description="CSV only: quoted values may span lines (off: one record per line)"
+    )
+
+    @model_validator(mode="after")
+    def _known_encoding(self) -> SourceConfig:
+        import codecs
+
+        try:
+            codecs.lookup(self.encoding)
+        except LookupError:
+            raise ValueError(f"encoding: unknown text encoding {self.encoding!r}") from None
+        return self
 
     def columns(self) -> set[str]:
         """The standard columns this source produces."""
