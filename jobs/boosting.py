@@ -70,19 +70,39 @@ class TrainResult:
     cpus: float
     checkpoint_uri: str = ""
     history: dict = field(default_factory=dict)
+    valid_metric: str = "aucpr"
+    training_id: str = ""
+
+
+OBJECTIVES = {
+    # The last eval metric is the one early stopping (and our stopper) watches.
+    "binary": {"objective": "binary:logistic", "eval_metric": ["logloss", "auc", "aucpr"]},
+    "multiclass": {"objective": "multi:softprob", "eval_metric": ["merror", "mlogloss"]},
+    "regression": {"objective": "reg:squarederror", "eval_metric": ["mae", "rmse"]},
+}
+MAXIMIZED = {"auc", "aucpr"}
 
 
 def xgb_params(
-    train: TrainConfig, seed: int, nthread: int | None = None, imbalance: dict | None = None
+    train: TrainConfig,
+    seed: int,
+    nthread: int | None = None,
+    imbalance: dict | None = None,
 ) -> dict:
+    """XGBoost parameters for the task: its objective and metrics, then the config's params.
+
+    The task and class count come from the imbalance record (`task_imbalance`), which every
+    caller already carries and the bundle records."""
+    task = (imbalance or {}).get("task", "binary")
+    classes = (imbalance or {}).get("classes", 2)
     unknown = sorted(set(train.params) - KNOWN_PARAMS)
     if unknown:
         raise TrainingError(
             f"unknown hyperparameter(s) {unknown} in train.params; known: {sorted(KNOWN_PARAMS)}"
         )
     params = {
-        "objective": "binary:logistic",
-        "eval_metric": ["logloss", "auc", "aucpr"],
+        **OBJECTIVES[task],
+        **({"num_class": classes} if task == "multiclass" else {}),
         "tree_method": "hist",
         "seed": seed,
         "verbosity": 0,
@@ -90,7 +110,7 @@ def xgb_params(
     }
     if train.gpus_per_worker > 0:
         params["device"] = "cuda"
-    if train.imbalance.strategy == "scale_pos_weight" and imbalance:
+    if task == "binary" and "scale_pos_weight" in (imbalance or {}):
         params["scale_pos_weight"] = imbalance["scale_pos_weight"]
     if nthread:
         params["nthread"] = nthread
@@ -102,6 +122,37 @@ def to_matrix(
 ) -> tuple[np.ndarray, np.ndarray]:
     labels = table.column(label).to_numpy(zero_copy_only=False).astype(np.float32)
     return feature_matrix(table, feature_names), labels
+
+
+def task_imbalance(
+    task: str, class_counts: dict[str, int], train: TrainConfig, num_classes: int = 2
+) -> dict:
+    """The class-imbalance record for any task (it goes in the bundle's lineage).
+
+    Multiclass: `scale_pos_weight` and `sample_weight` both mean balanced class weights
+    (rows / (classes x rows of the class)); regression has no classes to balance.
+    """
+    if task == "binary":
+        rows = sum(class_counts.values())
+        return {**imbalance_plan(class_counts.get("1", 0), rows, train), "task": task}
+    if task == "regression":
+        return {"strategy": "none", "reason": "regression", "task": task}
+    counts = {int(k): v for k, v in class_counts.items()}
+    if len([v for v in counts.values() if v]) < 2:
+        raise TrainingError(f"the training split has a single class ({counts}): nothing to learn")
+    record: dict = {
+        "strategy": train.imbalance.strategy,
+        "class_counts": counts,
+        "task": task,
+        "classes": max(max(counts) + 1, num_classes),
+    }
+    if train.imbalance.strategy in ("scale_pos_weight", "sample_weight"):
+        total, classes = sum(counts.values()), max(max(counts) + 1, num_classes)
+        record["class_weights"] = [
+            round(total / (classes * counts[k]), 6) if counts.get(k) else 0.0
+            for k in range(classes)
+        ]
+    return record
 
 
 def imbalance_plan(positives: int, rows: int, train: TrainConfig) -> dict:
@@ -128,6 +179,9 @@ def apply_imbalance(
     features: np.ndarray, labels: np.ndarray, record: dict, seed: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Applies the recorded strategy to one shard: returns features, labels, sample weights."""
+    if "class_weights" in record:
+        weights = np.asarray(record["class_weights"], np.float64)
+        return features, labels, weights[labels.astype(np.int64)]
     if "positive_weight" in record:
         return features, labels, np.where(labels == 1, record["positive_weight"], 1.0)
     if "negatives_kept_fraction" in record:
@@ -145,21 +199,33 @@ class ResumableEarlyStopping(xgb.callback.TrainingCallback):
     with every checkpoint and restored with it.
     """
 
-    def __init__(self, patience: int, metric: str = "aucpr", state: dict | None = None):
+    def __init__(self, patience: int, metric: str | None = None, state: dict | None = None):
+        """`metric` None watches the last eval metric (the task's: aucpr, mlogloss, rmse)."""
         state = state or {}
-        self.patience, self.metric = patience, metric
+        self.patience, self.metric = patience, metric or state.get("metric")
         self.best_score: float | None = state.get("best_score")
         self.best_iteration: int = state.get("best_iteration", -1)
 
     def after_iteration(self, model, epoch, evals_log) -> bool:
-        score = float(evals_log["valid"][self.metric][-1])
+        metrics = evals_log["valid"]
+        self.metric = self.metric or list(metrics)[-1]
+        score = float(metrics[self.metric][-1])
         iteration = model.num_boosted_rounds() - 1
-        if self.best_score is None or score > self.best_score:
+        better = (
+            (score > self.best_score if self.metric in MAXIMIZED else score < self.best_score)
+            if self.best_score is not None
+            else True
+        )
+        if better:
             self.best_score, self.best_iteration = score, iteration
         return iteration - self.best_iteration >= self.patience
 
     def state(self) -> dict:
-        return {"best_score": self.best_score, "best_iteration": self.best_iteration}
+        return {
+            "best_score": self.best_score,
+            "best_iteration": self.best_iteration,
+            "metric": self.metric,
+        }
 
 
 def fit_booster(
@@ -191,16 +257,25 @@ def fit_booster(
     return booster, history
 
 
-def training_key(train: TrainConfig, seed: int) -> str:
-    """Names one training configuration: a retry resumes its checkpoints, while a different
-    configuration (a tuned one, say) in the same run starts from round 0."""
+def features_digest(storage: Storage, run_uri: str) -> str:
+    """A digest of the run's feature splits (their fingerprints): features rebuilt on the same
+    run get a new digest, so training never resumes from checkpoints of the old features."""
+    report = storage.read_json(join(run_uri, "features", "_report.json"))
+    payload = json.dumps(report["fingerprints"], sort_keys=True).encode()
+    return hashlib.sha256(payload).hexdigest()[:16]
+
+
+def training_key(train: TrainConfig, seed: int, features: str = "") -> str:
+    """Names one training configuration on one set of features: a retry resumes its
+    checkpoints, while a different configuration (a tuned one, say) or rebuilt features start
+    from round 0."""
     settings = train.model_dump(mode="json", exclude={"max_failures", "plan"})
-    payload = json.dumps({"train": settings, "seed": seed}, sort_keys=True).encode()
-    return hashlib.sha256(payload).hexdigest()[:12]
+    payload = json.dumps({"train": settings, "seed": seed, "features": features}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
-def checkpoint_uri(run_uri: str, train: TrainConfig, seed: int) -> str:
-    return join(run_uri, "train", "checkpoints", training_key(train, seed))
+def checkpoint_uri(run_uri: str, train: TrainConfig, seed: int, features: str = "") -> str:
+    return join(run_uri, "train", "checkpoints", training_key(train, seed, features))
 
 
 @dataclass
@@ -223,7 +298,9 @@ def load_splits(storage: Storage, run_uri: str, config: Config) -> Splits:
     names, label = spec["feature_names"], config.features.label
     x_train, y_train = read_split(storage, run_uri, "train", label, names)
     x_valid, y_valid = read_split(storage, run_uri, "valid", label, names)
-    imbalance = imbalance_plan(report["positives"]["train"], report["rows"]["train"], config.train)
+    imbalance = task_imbalance(
+        config.task, report["class_counts"]["train"], config.train, len(spec.get("classes", []))
+    )
     return Splits(names, x_train, y_train, x_valid, y_valid, imbalance)
 
 

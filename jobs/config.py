@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from jobs.config_checks import add_label_rules, check_features, check_sources, check_task
 from jobs.errors import ConfigError
 
 __all__ = ["Config", "ConfigError", "load_config", "parse_config"]
@@ -121,15 +122,71 @@ class PiiConfig(Strict):
 
 
 class SplitConfig(Strict):
-    train: float = 0.7
-    valid: float = 0.15
-    test: float = 0.15
+    """How rows are split. `random`: a seeded hash of the primary key, stratified by class;
+    `time`: the latest `test` fraction by timestamp is test, the `valid` before it is valid;
+    `group`: whole values of `group` (e.g. a customer) land in one split."""
+
+    by: Literal["random", "time", "group"] = "random"
+    group: str | None = Field(None, description="column whose values stay in one split (by: group)")
+    train: float = Field(0.7, gt=0)
+    valid: float = Field(0.15, gt=0)
+    test: float = Field(0.15, gt=0)
 
     @model_validator(mode="after")
     def _fractions_sum_to_one(self) -> SplitConfig:
         if abs(self.train + self.valid + self.test - 1.0) > 1e-6:
             raise ValueError("split fractions train + valid + test must sum to 1")
+        if self.by == "group" and not self.group:
+            raise ValueError("split.by: group needs split.group, the column to group by")
         return self
+
+
+class LabelMap(Strict):
+    """How raw label values become classes. Values are matched as trimmed, lower-cased text;
+    a value that matches nothing is quarantined at ingest."""
+
+    positive: list[str] | None = Field(None, description="binary: the value(s) meaning 1")
+    negative: list[str] | None = Field(None, description="binary: the value(s) meaning 0")
+    values: dict[str, int] | None = Field(None, description="explicit raw value -> class index")
+    classes: list[str] | None = Field(None, description="multiclass: class names, in order")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_value_is_a_list(cls, data):
+        if isinstance(data, dict):
+            for key in ("positive", "negative", "classes"):
+                if isinstance(data.get(key), str | int | bool):
+                    data = {**data, key: [data[key]]}
+        return data
+
+    @model_validator(mode="after")
+    def _normalized(self) -> LabelMap:
+        def norm(value) -> str:
+            return str(value).strip().lower()
+
+        if self.values is not None:
+            self.values = {norm(k): v for k, v in self.values.items()}
+        for key in ("positive", "negative", "classes"):
+            value = getattr(self, key)
+            if value is not None:
+                setattr(self, key, [norm(v) for v in value])
+        given = [k for k in ("positive", "values", "classes") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of positive (+ negative), values or classes")
+        if self.negative is not None and self.positive is None:
+            raise ValueError("negative needs positive")
+        return self
+
+    def mapping(self) -> dict[str, int]:
+        """Raw (normalized) value -> class index."""
+        if self.values is not None:
+            return dict(self.values)
+        if self.classes is not None:
+            return {name: index for index, name in enumerate(self.classes)}
+        return {
+            **dict.fromkeys(self.negative or [], 0),
+            **dict.fromkeys(self.positive or [], 1),
+        }
 
 
 class DerivedFeature(Strict):
@@ -145,8 +202,13 @@ class HistoryConfig(Strict):
 
 
 class FeaturesConfig(Strict):
-    label: str = "label"
-    timestamp: str = "timestamp"
+    label: str = Field("label", description="the label column (or {column: ..., <LabelMap>})")
+    label_map: LabelMap | None = None
+    timestamp: str | None = Field(
+        None,
+        description="event time; needed by history, time "
+        "features, days_since/years_since_year and split.by: time",
+    )
     numeric: list[str] = Field(default_factory=list)
     log_transform: list[str] = Field(default_factory=list)
     categorical: list[str] = Field(default_factory=list)
@@ -154,6 +216,17 @@ class FeaturesConfig(Strict):
     time_features: list[Literal["hour", "day_of_week"]] = Field(default_factory=list)
     derived: dict[str, DerivedFeature] = Field(default_factory=dict)
     history: HistoryConfig | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _label_as_mapping(cls, data):
+        """`label: {column: whi, positive: "yes"}` is `label: whi` plus a `label_map`."""
+        if isinstance(data, dict) and isinstance(data.get("label"), dict):
+            label = dict(data["label"])
+            if "column" not in label:
+                raise ValueError("label: a mapping needs `column`, the label column")
+            data = {**data, "label": label.pop("column"), "label_map": label}
+        return data
 
 
 class ImbalanceConfig(Strict):
@@ -192,7 +265,9 @@ class TuneConfig(Strict):
     reduction_factor: int = Field(3, ge=2)
     cpus_per_trial: float = Field(1, gt=0)
     num_boost_round: int = Field(100, ge=1)
-    metric: Literal["aucpr", "auc", "logloss"] = "aucpr"
+    metric: Literal["aucpr", "auc", "logloss", "mlogloss", "merror", "rmse", "mae"] | None = Field(
+        None, description="XGBoost metric to optimise; default aucpr, mlogloss or rmse by task"
+    )
     space: dict[str, dict[Distribution, list[float | int | str]]] = Field(
         default_factory=lambda: {
             "eta": {"loguniform": [0.02, 0.3]},
@@ -211,13 +286,24 @@ class ThresholdConfig(Strict):
     cost_false_negative: float = 20.0
 
 
+TASK_METRICS = {
+    "binary": ("pr_auc", "roc_auc", "f1", "log_loss", "brier"),
+    "multiclass": ("log_loss", "macro_f1", "accuracy", "macro_pr_auc"),
+    "regression": ("rmse", "mae", "r2"),
+}
+LOWER_IS_BETTER = {"log_loss", "brier", "rmse", "mae", "logloss", "mlogloss", "merror"}
+
+
 class PromotionConfig(Strict):
-    metric: Literal["pr_auc", "roc_auc", "f1"] = "pr_auc"
-    min_improvement: float = 0.0
+    metric: str | None = Field(None, description="default: pr_auc, log_loss or rmse by task")
+    min_improvement: float = Field(0.0, ge=0, description="in the metric's better direction")
 
 
 class EvaluateConfig(Strict):
     threshold: ThresholdConfig = Field(default_factory=ThresholdConfig)
+    calibration: Literal["isotonic", "platt", "none"] = Field(
+        "isotonic", description="binary: fitted on the valid split, stored in the bundle"
+    )
     slices: list[str] = Field(default_factory=list)
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
 
@@ -249,6 +335,7 @@ class RayConfig(Strict):
 
 class Config(Strict):
     name: str
+    task: Literal["binary", "multiclass", "regression"] = "binary"
     seed: int = 42
     storage: str = Field(description="Root URI for run outputs and the registry (path or s3://)")
     s3: S3Config = Field(default_factory=S3Config)
@@ -277,42 +364,11 @@ class Config(Strict):
             for rule in source.rules:
                 if isinstance(rule, References) and rule.source not in self.sources:
                     raise ValueError(f"sources.{name}.rules: unknown source {rule.source!r}")
-        self._check_columns()
+        check_sources(self)
+        check_features(self)
+        check_task(self)
+        add_label_rules(self)
         return self
-
-    def _check_columns(self) -> None:
-        """Every column a rule, join or feature names must be declared, so a typo fails here
-        with its key path instead of deep inside a Ray task."""
-
-        def require(path: str, column: str | None, source: str) -> None:
-            declared = self.sources[source].columns()
-            if column is not None and column not in declared:
-                raise ValueError(
-                    f"{path}: {column!r} is not a column of source {source!r} "
-                    f"(declared: {sorted(declared)})"
-                )
-
-        for name, source in self.sources.items():
-            require(f"sources.{name}.primary_key", source.primary_key, name)
-            for index, rule in enumerate(source.rules):
-                require(f"sources.{name}.rules[{index}].column", rule.column, name)
-                if isinstance(rule, References) and not self.sources[rule.source].primary_key:
-                    raise ValueError(
-                        f"sources.{name}.rules[{index}]: source {rule.source!r} "
-                        "needs a primary_key to be referenced"
-                    )
-            for key in (*source.normalize, *source.pii):
-                require(f"sources.{name}", key, name)
-            if source.currency:
-                require(f"sources.{name}.currency.amount", source.currency.amount, name)
-                require(f"sources.{name}.currency.code", source.currency.code, name)
-        for index, join in enumerate(self.joins):
-            require(f"joins[{index}].key", join.key, self.fact)
-            require(f"joins[{index}].key", join.key, join.source)
-        require("features.label", self.features.label, self.fact)
-        require("features.timestamp", self.features.timestamp, self.fact)
-        if self.features.history:
-            require("features.history.entity", self.features.history.entity, self.fact)
 
     def digest(self) -> str:
         """A stable hash of the effective config, recorded in lineage."""

@@ -1,4 +1,5 @@
-"""Cross-validation: stratified k-fold over train + valid, folds in parallel as Ray tasks.
+"""Cross-validation: k-fold over train + valid (stratified for classification), folds in
+parallel as Ray tasks.
 
 Each fold trains with the configured parameters, early-stops on a stratified slice of its own
 training part (never on the held-out fold), and is scored on the held-out fold. The test split
@@ -15,16 +16,15 @@ import numpy as np
 import ray
 import typer
 import xgboost as xgb
-from sklearn.model_selection import StratifiedKFold, train_test_split
+from sklearn.model_selection import KFold, StratifiedKFold, train_test_split
 
-from jobs.boosting import apply_imbalance, imbalance_plan, read_split, xgb_params
+from jobs.boosting import apply_imbalance, read_split, task_imbalance, xgb_params
 from jobs.config import Config, load_config
 from jobs.entrypoint import run_cli
-from jobs.evaluate import choose_threshold, classification_metrics
+from jobs.evaluate import choose_threshold
+from jobs.metrics import HEADLINE, task_metrics
 from jobs.ray_runtime import init_ray
 from jobs.storage import Storage, join
-
-METRICS = ("roc_auc", "pr_auc", "log_loss", "brier", "precision", "recall", "f1")
 
 
 @dataclass
@@ -47,9 +47,11 @@ def _fold(
     params: dict,
     imbalance: dict,
     fold: int,
+    classes: list[str],
 ) -> dict:
+    stratify = y[train_index] if config.task != "regression" else None
     inner_train, inner_valid = train_test_split(
-        train_index, test_size=0.15, stratify=y[train_index], random_state=config.seed + fold
+        train_index, test_size=0.15, stratify=stratify, random_state=config.seed + fold
     )
     x_fit, y_fit, weights = apply_imbalance(
         x[inner_train], y[inner_train], imbalance, config.seed + fold
@@ -65,15 +67,17 @@ def _fold(
         verbose_eval=False,
     )
     rounds = (0, booster.best_iteration + 1)
-    valid_scores = booster.inplace_predict(x[inner_valid], iteration_range=rounds)
-    threshold = choose_threshold(y[inner_valid], valid_scores, config.evaluate.threshold)
+    threshold = None
+    if config.task == "binary":
+        valid_scores = booster.inplace_predict(x[inner_valid], iteration_range=rounds)
+        threshold = choose_threshold(y[inner_valid], valid_scores, config.evaluate.threshold)
     scores = booster.inplace_predict(x[test_index], iteration_range=rounds)
-    metrics = classification_metrics(y[test_index].astype(int), scores, threshold)
+    metrics = task_metrics(config.task, y[test_index], scores, threshold, classes)
     return {
         "fold": fold,
         "best_iteration": booster.best_iteration,
         "threshold": threshold,
-        **{k: metrics[k] for k in METRICS},
+        **{k: metrics[k] for k in HEADLINE[config.task]},
     }
 
 
@@ -99,13 +103,21 @@ def cross_validate(
     parts = [read_split(storage, run_uri, split, label, names) for split in ("train", "valid")]
     x = np.concatenate([p[0] for p in parts])
     y = np.concatenate([p[1] for p in parts])
-    imbalance = imbalance_plan(int(y.sum()), len(y), config.train)
+    classes = spec.get("classes", [])
+    values, sizes = np.unique(y, return_counts=True)
+    counts = (
+        {}
+        if config.task == "regression"
+        else {str(int(k)): int(v) for k, v in zip(values, sizes, strict=True)}
+    )
+    imbalance = task_imbalance(config.task, counts, config.train, len(classes))
     params = xgb_params(config.train, config.seed, cpus_per_fold, imbalance)
     x_ref, y_ref = ray.put(x), ray.put(y)
-    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=config.seed)
+    kind = KFold if config.task == "regression" else StratifiedKFold
+    splitter = kind(n_splits=folds, shuffle=True, random_state=config.seed)
     tasks = [
         _fold.options(num_cpus=cpus_per_fold).remote(
-            x_ref, y_ref, train_index, test_index, config, params, imbalance, fold
+            x_ref, y_ref, train_index, test_index, config, params, imbalance, fold, classes
         )
         for fold, (train_index, test_index) in enumerate(splitter.split(x, y))
     ]
@@ -113,8 +125,10 @@ def cross_validate(
     result = CVResult(
         folds=folds,
         per_fold=per_fold,
-        mean={k: _spread(per_fold, k, np.nanmean) for k in METRICS},
-        std={k: _spread(per_fold, k, lambda v: np.nanstd(v, ddof=1)) for k in METRICS},
+        mean={k: _spread(per_fold, k, np.nanmean) for k in HEADLINE[config.task]},
+        std={
+            k: _spread(per_fold, k, lambda v: np.nanstd(v, ddof=1)) for k in HEADLINE[config.task]
+        },
         seconds=round(time.perf_counter() - started, 3),
         results_uri=join(run_uri, "cv", "results.json"),
     )
@@ -133,7 +147,7 @@ def main(
     result = cross_validate(load_config(config), run, folds)
     print_rows(
         f"cross-validation ({folds} folds, {result.seconds:.1f} s)",
-        {k: f"{result.mean[k]:.4f} ± {result.std[k]:.4f}" for k in METRICS}
+        {k: f"{result.mean[k]:.4f} ± {result.std[k]:.4f}" for k in result.mean}
         | {"results": result.results_uri},
     )
 

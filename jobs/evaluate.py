@@ -1,7 +1,9 @@
-"""Evaluate: threshold chosen on the valid split, honest metrics on the test split.
+"""Evaluate: calibration and threshold chosen on the valid split, honest metrics on test.
 
-All metrics come from sklearn.metrics. The report (JSON + self-contained HTML) lands next to
-the model; `jobs.registry` uses the primary metric for the promotion gate.
+Binary scores are calibrated on valid (isotonic or Platt, `jobs.calibration`) before the
+threshold is chosen, so `score` everywhere is a probability. All metrics come from
+sklearn.metrics (`jobs.metrics`). The report (JSON + self-contained HTML) lands in the
+training's own folder, `evaluate/<training id>/`; `jobs.promotion` gates on it.
 """
 
 from __future__ import annotations
@@ -12,23 +14,29 @@ from typing import Annotated
 import numpy as np
 import pyarrow as pa
 import typer
-import xgboost as xgb
 from sklearn import metrics as skm
 from sklearn.calibration import calibration_curve
 
 from jobs.boosting import load_booster, to_matrix
+from jobs.calibration import Calibration, calibrate, fit_calibration
 from jobs.config import Config, ThresholdConfig, load_config
+from jobs.entrypoint import run_cli
 from jobs.featurespec import FeatureSpec
+from jobs.metrics import task_metrics
+from jobs.scoring import model_scores
 from jobs.storage import Storage, join
 
 
 @dataclass
 class EvaluationResult:
     metrics: dict
-    threshold: float
+    threshold: float | None
     threshold_rule: str
     metrics_uri: str
     report_uri: str
+    calibration: dict
+    calibration_uri: str
+    task: str = "binary"
 
 
 def choose_threshold(labels: np.ndarray, scores: np.ndarray, rule: ThresholdConfig) -> float:
@@ -51,161 +59,123 @@ def choose_threshold(labels: np.ndarray, scores: np.ndarray, rule: ThresholdConf
     return float(thresholds[int(np.argmin(cost))])
 
 
-def classification_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict:
-    predicted = (scores >= threshold).astype(int)
-    precision, recall, f1, _ = skm.precision_recall_fscore_support(
-        labels, predicted, average="binary", zero_division=0
-    )
-    both_classes = 0 < labels.sum() < len(labels)
-    tn, fp, fn, tp = skm.confusion_matrix(labels, predicted, labels=[0, 1]).ravel()
-    return {
-        "rows": int(len(labels)),
-        "positives": int(labels.sum()),
-        "roc_auc": float(skm.roc_auc_score(labels, scores)) if both_classes else None,
-        "pr_auc": float(skm.average_precision_score(labels, scores)) if both_classes else None,
-        "log_loss": float(skm.log_loss(labels, scores, labels=[0, 1])),
-        "brier": float(skm.brier_score_loss(labels, scores)),
-        "precision": float(precision),
-        "recall": float(recall),
-        "f1": float(f1),
-        "confusion": {"tn": int(tn), "fp": int(fp), "fn": int(fn), "tp": int(tp)},
-    }
-
-
 def slice_metrics(
-    table: pa.Table, labels, scores, threshold: float, spec: FeatureSpec, columns: list[str]
+    table: pa.Table, labels, scores, threshold: float | None, spec: FeatureSpec, columns: list[str]
 ) -> dict:
     """Metrics per value of each slice column (categories decoded back to their names)."""
     result: dict[str, dict] = {}
     for column in columns:
-        if column not in table.column_names:
-            continue
         codes = table.column(column).to_numpy(zero_copy_only=False).astype(int)
         names = [*spec.categories.get(column, []), "<unknown>"]
         result[column] = {}
         for code in np.unique(codes):
             mask = codes == code
             name = names[code] if column in spec.categories and code < len(names) else str(code)
-            result[column][name] = classification_metrics(labels[mask], scores[mask], threshold)
+            result[column][name] = task_metrics(
+                spec.task, labels[mask], scores[mask], threshold, spec.classes
+            )
     return result
 
 
-def predict_split(
-    storage: Storage, run_uri: str, split: str, booster: xgb.Booster, spec: FeatureSpec
+def raw_split_scores(
+    storage: Storage, run_uri: str, split: str, booster, spec: FeatureSpec
 ) -> tuple[pa.Table, np.ndarray, np.ndarray]:
+    """A split's table, labels and uncalibrated model scores."""
     table = storage.read_table_dir(join(run_uri, "features", split))
     features, labels = to_matrix(table, spec.features.label, spec.feature_names)
-    scores = booster.inplace_predict(features)
-    return table, labels.astype(int), scores
+    scores = model_scores(booster, features, spec.task)
+    return table, (labels if spec.task == "regression" else labels.astype(int)), scores
 
 
-def evaluate(config: Config, run_uri: str, storage: Storage | None = None) -> EvaluationResult:
-    """Scores valid (for the threshold) and test (for the metrics); writes the report."""
+def latest_model(storage: Storage, run_uri: str) -> str:
+    """The model the run's latest training wrote (`train/_result.json`)."""
+    return storage.read_json(join(run_uri, "train", "_result.json"))["model_uri"]
+
+
+def evaluate(
+    config: Config, run_uri: str, storage: Storage | None = None, model_uri: str | None = None
+) -> EvaluationResult:
+    """Calibrates and picks the threshold on valid, measures on test, writes the report."""
     from jobs.report import write_html_report
 
     storage = storage or Storage(config.s3)
     spec = FeatureSpec.model_validate(
         storage.read_json(join(run_uri, "features", "feature_spec.json"))
     )
-    booster = load_booster(storage, join(run_uri, "train", "model.ubj"))
-    _, valid_labels, valid_scores = predict_split(storage, run_uri, "valid", booster, spec)
-    threshold = choose_threshold(valid_labels, valid_scores, config.evaluate.threshold)
-    table, labels, scores = predict_split(storage, run_uri, "test", booster, spec)
-    metrics = classification_metrics(labels, scores, threshold)
-    fraction, mean_score = calibration_curve(labels, scores, n_bins=10, strategy="quantile")
+    split_record = storage.read_json(join(run_uri, "features", "_report.json")).get("split", {})
+    model_uri = model_uri or latest_model(storage, run_uri)
+    booster = load_booster(storage, model_uri)
+    _, valid_labels, valid_raw = raw_split_scores(storage, run_uri, "valid", booster, spec)
+    table, labels, raw = raw_split_scores(storage, run_uri, "test", booster, spec)
+    calibration, threshold, rule = Calibration(method="none"), None, "n/a"
+    if spec.task == "binary":
+        calibration = fit_calibration(valid_labels, valid_raw, config.evaluate.calibration)
+        valid_scores = calibrate(calibration, valid_raw)
+        threshold = choose_threshold(valid_labels, valid_scores, config.evaluate.threshold)
+        rule = config.evaluate.threshold.rule
+        scores = calibrate(calibration, raw)
+    else:
+        valid_scores, scores = valid_raw, raw
+    metrics = task_metrics(spec.task, labels, scores, threshold, spec.classes)
     importance = booster.get_score(importance_type="gain")
     metrics.update(
+        task=spec.task,
+        classes=spec.classes,
+        split=split_record,
+        model_uri=model_uri,
         threshold=threshold,
-        threshold_rule=config.evaluate.threshold.model_dump(),
-        valid=classification_metrics(valid_labels, valid_scores, threshold),
-        calibration={"mean_score": mean_score.tolist(), "fraction_positive": fraction.tolist()},
+        threshold_rule=config.evaluate.threshold.model_dump() if threshold is not None else None,
+        valid=task_metrics(spec.task, valid_labels, valid_scores, threshold, spec.classes),
         slices=slice_metrics(table, labels, scores, threshold, spec, config.evaluate.slices),
         importance=dict(sorted(importance.items(), key=lambda item: -item[1])),
     )
-    out = join(run_uri, "evaluate")
+    if spec.task == "binary":
+        metrics["calibration"] = _calibration_curves(labels, raw, scores, calibration)
+    training_id = model_uri.rstrip("/").rsplit("/", 2)[-2]
+    out = join(run_uri, "evaluate", training_id)
     result = EvaluationResult(
         metrics,
         threshold,
-        config.evaluate.threshold.rule,
+        rule,
         join(out, "metrics.json"),
         join(out, "report.html"),
+        calibration.model_dump(),
+        join(out, "calibration.json"),
+        spec.task,
     )
     storage.write_json(result.metrics_uri, metrics)
-    storage.write_bytes(result.report_uri, write_html_report(metrics, labels, scores).encode())
+    storage.write_json(result.calibration_uri, result.calibration)
+    report = write_html_report(metrics, labels, scores, raw)
+    storage.write_bytes(result.report_uri, report.encode())
     return result
+
+
+def _calibration_curves(labels, raw, calibrated, calibration: Calibration) -> dict:
+    """Reliability curves on test before and after calibration (quantile bins)."""
+
+    def curve(scores) -> dict:
+        fraction, mean_score = calibration_curve(labels, scores, n_bins=10, strategy="quantile")
+        return {"mean_score": mean_score.tolist(), "fraction_positive": fraction.tolist()}
+
+    return {
+        "method": calibration.method,
+        "before": curve(raw),
+        "after": curve(calibrated),
+        "brier_before": float(skm.brier_score_loss(labels, raw)),
+        "brier_after": float(skm.brier_score_loss(labels, calibrated)),
+    }
 
 
 def main(
     config: Annotated[str, typer.Option(help="Path to the pipeline config YAML")],
     run: Annotated[str, typer.Option(help="Run URI with features/ and train/ outputs")],
+    model: Annotated[str, typer.Option(help="Model URI (default: the run's latest)")] = "",
 ) -> None:
     """Evaluate a run's model on its test split and write the HTML report."""
-    from jobs.summary import print_rows
+    from jobs.summary import print_evaluation
 
-    result = evaluate(load_config(config), run)
-    keys = ("roc_auc", "pr_auc", "precision", "recall", "f1", "brier", "log_loss")
-    print_rows(
-        "evaluate",
-        {
-            **{k: f"{result.metrics[k]:.4f}" for k in keys},
-            "threshold": f"{result.threshold:.4f}",
-            "report": result.report_uri,
-        },
-    )
+    print_evaluation(evaluate(load_config(config), run, model_uri=model or None))
 
 
 if __name__ == "__main__":
-    from jobs.entrypoint import run_cli
-
     run_cli(main)
-
-
-def promotion_gate(config: Config, run_uri: str, candidate: dict, storage: Storage) -> dict:
-    """Promote only if the candidate beats production on the same test rows by the margin."""
-    from jobs.featurespec import feature_matrix, transform
-    from jobs.registry import BundleError, get_alias, load_bundle
-
-    rule = config.evaluate.promotion
-    registry_uri = join(config.storage, "registry")
-    if get_alias(storage, registry_uri, config.name, "production") is None:
-        return {"promote": True, "reason": "no production model yet"}
-    try:
-        production = load_bundle(storage, registry_uri, config.name)
-    except BundleError as error:  # never replace a model we could not compare against
-        return {
-            "promote": False,
-            "reason": f"production cannot be loaded ({error}); "
-            "fix it or promote by hand with `rayline models promote`",
-        }
-    test_raw = storage.read_table_dir(join(run_uri, "features", "test_raw"))
-    spec = production.spec
-    needed = [*spec.features.numeric, *spec.features.time_features, *spec.features.categorical]
-    missing = sorted(set(needed) - set(test_raw.column_names))
-    if missing:
-        return {
-            "promote": False,
-            "production_version": production.version,
-            "reason": f"production v{production.version} needs columns {missing} that this "
-            "run does not produce; compare by hand and use `rayline models promote`",
-        }
-    scores = production.booster.inplace_predict(
-        feature_matrix(transform(test_raw, spec), spec.feature_names)
-    )
-    labels = test_raw.column(config.features.label).to_numpy(zero_copy_only=False).astype(int)
-    current = classification_metrics(labels, scores, production.threshold)
-    new, old = candidate[rule.metric], current[rule.metric]
-    promote = new is not None and (old is None or new >= old + rule.min_improvement)
-    verdict = "beats" if promote else "does not beat"
-    return {
-        "promote": promote,
-        "production_version": production.version,
-        "candidate": new,
-        "production": old,
-        "metric": rule.metric,
-        "reason": f"candidate {rule.metric} {_number(new)} {verdict} production "
-        f"v{production.version} {_number(old)} + margin {rule.min_improvement}",
-    }
-
-
-def _number(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4f}"

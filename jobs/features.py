@@ -22,12 +22,16 @@ from jobs.blocks import write_parquet_blocks
 from jobs.config import Config, load_config
 from jobs.entrypoint import run_cli
 from jobs.featurespec import (
+    ROW_KEY,
     SPLIT,
     FeatureSpec,
+    class_names,
     derive,
+    encode_label,
     feature_names,
     history_point_in_time,
     history_state,
+    row_key,
     transform,
 )
 from jobs.fingerprints import fingerprint, table_hash
@@ -58,6 +62,8 @@ def fit(
         for name in features.categorical
     }
     return FeatureSpec(
+        task=config.task,
+        classes=class_names(features, config.task),
         source=config.sources[config.fact],
         joins=config.joins,
         features=features,
@@ -78,15 +84,38 @@ def uniform_from_keys(keys: pa.ChunkedArray | pa.Array, seed: int) -> np.ndarray
     return (hashed >> np.uint64(11)).astype(np.float64) / float(2**53)
 
 
-def assign_split(
-    table: pa.Table, label: str, thresholds: dict[int, tuple[float, float]]
-) -> pa.Table:
-    """train / valid / test by per-class quantiles of the seeded uniform: exact stratification."""
-    labels = table.column(label).to_numpy(zero_copy_only=False)
-    uniform = table.column(UNIFORM).to_numpy(zero_copy_only=False)
-    low = np.array([thresholds[int(v)][0] for v in (0, 1)])[labels.astype(np.int64).clip(0, 1)]
-    high = np.array([thresholds[int(v)][1] for v in (0, 1)])[labels.astype(np.int64).clip(0, 1)]
-    split = np.where(uniform < low, "train", np.where(uniform < high, "valid", "test"))
+def split_order(block: pa.Table, config: Config) -> np.ndarray:
+    """The number each row is cut on: a seeded hash of its key (random), of its group, or its
+    event time (time; ties broken by the key's hash, so the cut is stable across re-runs)."""
+    key = config.sources[config.fact].primary_key or ROW_KEY
+    uniform = uniform_from_keys(block.column(key), config.seed)
+    if config.split.by == "group":
+        group = pc.cast(block.column(config.split.group), pa.string())
+        return uniform_from_keys(group, config.seed)
+    if config.split.by == "time":
+        seconds = pc.cast(
+            pc.cast(block.column(config.features.timestamp), pa.timestamp("s")), pa.int64()
+        )
+        return seconds.to_numpy(zero_copy_only=False).astype(np.float64) + uniform * 0.5
+    return uniform
+
+
+def stratum(table: pa.Table, config: Config) -> np.ndarray:
+    """The class each row is stratified by: its label for a random split of a classification
+    task, one stratum otherwise (time and group splits cannot be stratified exactly)."""
+    if config.split.by != "random" or config.task == "regression":
+        return np.zeros(table.num_rows, np.int64)
+    return table.column(config.features.label).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def assign_split(table: pa.Table, config: Config, thresholds: dict[int, tuple]) -> pa.Table:
+    """train / valid / test by per-stratum quantiles of the split order (exact stratification
+    for a random split of a classification task)."""
+    strata = stratum(table, config)
+    order = table.column(UNIFORM).to_numpy(zero_copy_only=False)
+    low = np.array([thresholds.get(int(s), (np.inf, np.inf))[0] for s in strata])
+    high = np.array([thresholds.get(int(s), (np.inf, np.inf))[1] for s in strata])
+    split = np.where(order < low, "train", np.where(order < high, "valid", "test"))
     return table.append_column(SPLIT, pa.array(split, pa.string()))
 
 
@@ -97,18 +126,45 @@ class FeaturesResult:
     lookup_uris: dict[str, str]
     rows: dict[str, int]
     positives: dict[str, int]
+    class_counts: dict[str, dict[str, int]]
+    split: dict
     fingerprints: dict[str, dict]
     seconds: dict[str, float] = field(default_factory=dict)
 
 
+def lookup_columns(config: Config) -> list[tuple]:
+    """Per join, the dimension columns a feature needs (the key first): a bundle carries these
+    and nothing else, so unused columns, PII among them, never reach serving."""
+    features = config.features
+    needed = {*features.numeric, *features.categorical}
+    for derived in features.derived.values():
+        needed.update(derived.columns)
+    if features.history:
+        needed.add(features.history.amount)
+    result = []
+    for join_cfg in config.joins:
+        source = config.sources[join_cfg.source]
+        used = [c for c in source.columns() if c != join_cfg.key and join_cfg.prefix + c in needed]
+        result.append((join_cfg, [join_cfg.key, *[c for c in used if c not in source.pii]]))
+    return result
+
+
+def _split_record(config: Config) -> dict:
+    """What the evaluation report says about how the rows were split."""
+    record = config.split.model_dump()
+    record["stratified"] = config.split.by == "random" and config.task != "regression"
+    if config.split.by == "time":
+        record["column"] = config.features.timestamp
+    return record
+
+
 def _history_block(block: pa.Table, config: Config) -> pa.Table:
     fact = config.sources[config.fact]
+    block = encode_label(row_key(block, fact), config.features, config.task)
     if config.features.history:
-        block = history_point_in_time(block, config.features, fact.primary_key)
+        block = history_point_in_time(block, config.features, fact.primary_key or ROW_KEY)
     block = derive(block, config.features)
-    return block.append_column(
-        UNIFORM, pa.array(uniform_from_keys(block.column(fact.primary_key), config.seed))
-    )
+    return block.append_column(UNIFORM, pa.array(split_order(block, config)))
 
 
 @ray.remote
@@ -126,7 +182,8 @@ def _gather(config: Config, *pieces: pa.Table) -> tuple[pa.Table, pa.Table]:
     """One entity partition with its history features, plus its (label, uniform) columns so the
     split thresholds are computed without moving whole blocks."""
     block = _history_block(pa.concat_tables(pieces), config)
-    return block, block.select([config.features.label, UNIFORM])
+    strata = pa.array(stratum(block, config))
+    return block, pa.table({"stratum": strata, UNIFORM: block.column(UNIFORM)})
 
 
 def _by_entity(blocks: list, config: Config, rows: int) -> list:
@@ -146,36 +203,33 @@ def _by_entity(blocks: list, config: Config, rows: int) -> list:
 
 
 @ray.remote
-def _thresholds(label: str, split: dict[str, float], *blocks: pa.Table) -> dict[int, tuple]:
-    labels = np.concatenate([b.column(label).to_numpy(zero_copy_only=False) for b in blocks])
-    uniform = np.concatenate([b.column(UNIFORM).to_numpy() for b in blocks])
-    result = {}
-    for value in (0, 1):
-        of_class = uniform[labels == value]
-        if len(of_class) == 0:
-            result[value] = (split["train"], split["train"] + split["valid"])
-            continue
-        result[value] = tuple(
-            float(np.quantile(of_class, q))
-            for q in (split["train"], split["train"] + split["valid"])
-        )
-    return result
+def _thresholds(split: dict[str, float], *blocks: pa.Table) -> dict[int, tuple]:
+    """Per stratum, the split order values where train ends and where valid ends."""
+    strata = np.concatenate([b.column("stratum").to_numpy() for b in blocks])
+    order = np.concatenate([b.column(UNIFORM).to_numpy() for b in blocks])
+    cuts = (split["train"], split["train"] + split["valid"])
+    return {
+        int(value): tuple(float(np.quantile(order[strata == value], q)) for q in cuts)
+        for value in np.unique(strata)
+    }
 
 
 @ray.remote(num_returns=3)
 def _split_block(block: pa.Table, config: Config, thresholds: dict, sample_fraction: float):
     """Assigns splits; returns the block, its history state and train-only fitting stats."""
     features = config.features
-    block = assign_split(block, features.label, thresholds)
+    block = assign_split(block, config, thresholds)
     state = history_state(block, features) if features.history else pa.table({})
     train = block.filter(pc.equal(block.column(SPLIT), "train"))
     counts = {
         name: {
-            row["values"]: row["counts"] for row in pc.value_counts(train.column(name)).to_pylist()
+            row["values"]: row["counts"]
+            for row in pc.value_counts(pc.cast(train.column(name), pa.string())).to_pylist()
         }
         for name in features.categorical
     }
-    keep = pc.less(train.column(UNIFORM), sample_fraction)
+    key = config.sources[config.fact].primary_key or ROW_KEY
+    keep = pa.array(uniform_from_keys(train.column(key), config.seed + 1) < sample_fraction)
     sample = train.filter(keep).select([*features.numeric, *features.time_features])
     return block, state, {"counts": counts, "sample": sample}
 
@@ -189,7 +243,7 @@ def _transform_block(block: pa.Table, spec: FeatureSpec):
     ]
     entity = spec.features.history.entity if spec.features.history else None
     needed = [
-        spec.source.primary_key,
+        spec.source.primary_key or ROW_KEY,
         entity,
         spec.features.timestamp,
         spec.features.label,
@@ -199,10 +253,16 @@ def _transform_block(block: pa.Table, spec: FeatureSpec):
         [name for name in dict.fromkeys(needed) if name and name in block.column_names]
     )
     label = spec.features.label
+    classification = spec.task != "regression"
     stats = {
         name: {
             "rows": part.num_rows,
-            "positives": int(pc.sum(part.column(label)).as_py() or 0),
+            "classes": {
+                str(row["values"]): row["counts"]
+                for row in pc.value_counts(part.column(label)).to_pylist()
+            }
+            if classification
+            else {},
             "hash": table_hash(part),
         }
         for name, part in zip(SPLITS, parts, strict=True)
@@ -240,9 +300,7 @@ def build_features(
     ray.wait(blocks, num_returns=len(blocks), fetch_local=False)
     clock.lap("shuffle_history")
     thresholds = ray.get(
-        _thresholds.remote(
-            features.label, config.split.model_dump(), *[partition[1] for partition in partitions]
-        )
+        _thresholds.remote(config.split.model_dump(), *[partition[1] for partition in partitions])
     )
     fraction = min(1.0, 500_000 / max(1.0, rows * config.split.train))
     parts = [_split_block.remote(b, config, thresholds, fraction) for b in blocks]
@@ -258,19 +316,27 @@ def build_features(
     split_stats = ray.get([t[4] for t in transformed])
     clock.lap("transform")
     out = join(run_uri, "features")
-    result = FeaturesResult(join(out, "feature_spec.json"), {}, {}, {}, {}, {}, seconds)
+    result = FeaturesResult(
+        join(out, "feature_spec.json"), {}, {}, {}, {}, {}, {}, _split_record(config), seconds
+    )
     for index, name in enumerate(SPLITS):
         uri = join(out, name)
         write_parquet_blocks(storage, [t[index] for t in transformed], uri)
         result.split_uris[name] = uri
         result.rows[name] = sum(s[name]["rows"] for s in split_stats)
-        result.positives[name] = sum(s[name]["positives"] for s in split_stats)
+        counts: dict[str, int] = {}
+        for item in split_stats:
+            for value, count in item[name]["classes"].items():
+                counts[value] = counts.get(value, 0) + count
+        result.class_counts[name] = dict(sorted(counts.items()))
+        result.positives[name] = counts.get("1", 0) if config.task == "binary" else 0
         schema = ray.get(transformed[0][index]).schema
         content = sum(s[name]["hash"] for s in split_stats)
         result.fingerprints[name] = fingerprint(schema, result.rows[name], content)
     write_parquet_blocks(storage, [t[3] for t in transformed], join(out, "test_raw"))
     lookups = {
-        j.source: storage.read_table_dir(join(run_uri, "ingest", j.source)) for j in config.joins
+        j.source: storage.read_table_dir(join(run_uri, "ingest", j.source)).select(columns)
+        for j, columns in lookup_columns(config)
     }
     if features.history:
         lookups["history"] = pa.concat_tables(ray.get([part[1] for part in parts]))

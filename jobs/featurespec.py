@@ -13,12 +13,14 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from jobs import validate
 from jobs.config import FeaturesConfig, JoinConfig, SourceConfig
+from jobs.config_checks import HISTORY_FEATURES
 
-HISTORY = ["hist_txn_count", "hist_amount_mean", "hist_amount_ratio", "hist_seconds_since_prev"]
+HISTORY = HISTORY_FEATURES
+ROW_KEY = "_row_key"  # stands in for the primary key of a fact source that declares none
 STATE = ["state_count", "state_amount_sum", "state_last_ts"]
 SPLIT = "split"
 
@@ -28,13 +30,59 @@ class FeatureSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    version: int = 1
+    version: int = 2
+    task: str = "binary"
+    classes: list[str] = Field(default_factory=lambda: ["0", "1"], description="index -> name")
     source: SourceConfig
     joins: list[JoinConfig]
     features: FeaturesConfig
     medians: dict[str, float]
     categories: dict[str, list[str]]
     feature_names: list[str]
+
+
+def class_names(features: FeaturesConfig, task: str) -> list[str]:
+    """Class index -> name: the mapping's names, or "0"/"1" for a numeric binary label."""
+    if task == "regression":
+        return []
+    mapping = features.label_map
+    if mapping is None:
+        return ["0", "1"]
+    if mapping.classes is not None:
+        return list(mapping.classes)
+    names: dict[int, str] = {}
+    for value, index in mapping.mapping().items():
+        names.setdefault(index, value)
+    return [names[index] for index in sorted(names)]
+
+
+def encode_label(table: pa.Table, features: FeaturesConfig, task: str) -> pa.Table:
+    """The label as model targets: class indices (int64) or a float for regression.
+
+    Ingest already quarantined null and unknown labels, so every value maps here; with only
+    `positive` declared, any other value is the negative class.
+    """
+    column = table.column(features.label)
+    if task == "regression":
+        value = pc.cast(column, pa.float64())
+    elif features.label_map is None:
+        value = pc.cast(pc.cast(column, pa.int64()), pa.int64())
+    else:
+        mapping = features.label_map.mapping()
+        text = pc.utf8_lower(pc.utf8_trim_whitespace(pc.cast(column, pa.string())))
+        index = pc.index_in(text, value_set=pa.array(list(mapping), pa.string()))
+        codes = pc.take(pa.array(list(mapping.values()), pa.int64()), index)
+        value = pc.fill_null(codes, 0) if features.label_map.negative is None else codes
+    position = table.column_names.index(features.label)
+    return table.set_column(position, features.label, value)
+
+
+def row_key(table: pa.Table, source: SourceConfig) -> pa.Table:
+    """Adds a stable key from the row's content when the fact source declares no primary key."""
+    if source.primary_key or ROW_KEY in table.column_names:
+        return table
+    hashed = pl.from_arrow(table).hash_rows(seed=0).to_numpy()
+    return table.append_column(ROW_KEY, pa.array([f"{h:016x}" for h in hashed], pa.string()))
 
 
 def _epoch_seconds(column: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray:
@@ -121,7 +169,11 @@ def history_from_state(records: pa.Table, state: pa.Table, features: FeaturesCon
 
 def derive(table: pa.Table, features: FeaturesConfig) -> pa.Table:
     """Derived and time features, relative to each event's own timestamp."""
-    timestamp = pc.cast(table.column(features.timestamp), pa.timestamp("s"))
+    timestamp = (
+        pc.cast(table.column(features.timestamp), pa.timestamp("s"))
+        if features.timestamp
+        else None
+    )
     for name, spec in features.derived.items():
         first = table.column(spec.columns[0])
         if spec.kind == "years_since_year":
@@ -170,7 +222,7 @@ def transform(table: pa.Table, spec: FeatureSpec) -> pa.Table:
         index = pc.index_in(pc.cast(table.column(name), pa.string()), value_set=known)
         columns[name] = pc.cast(pc.fill_null(index, len(known)), pa.float32())
     result = pa.table(columns)
-    for extra in (spec.source.primary_key, features.label, SPLIT):
+    for extra in (spec.source.primary_key or ROW_KEY, features.label, SPLIT):
         if extra in table.column_names:
             result = result.append_column(extra, table.column(extra))
     return result

@@ -13,6 +13,8 @@ DEMO_PII_KEY = b"rayline-demo-key-not-for-production"
 
 def pii_key(config: Config) -> bytes:
     """The HMAC key for PII columns, from the environment variable the config names."""
+    if not any(source.pii for source in config.sources.values()):
+        return DEMO_PII_KEY  # nothing to hash: no secret needed
     value = os.environ.get(config.pii.key_env)
     if value:
         return value.encode()

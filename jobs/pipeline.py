@@ -7,6 +7,7 @@ inspected, continued stage by stage (`finish_run`), or re-run.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Annotated
@@ -16,9 +17,10 @@ import typer
 from jobs import registry
 from jobs.config import Config, load_config
 from jobs.entrypoint import run_cli
-from jobs.evaluate import evaluate, promotion_gate
+from jobs.evaluate import evaluate
 from jobs.features import build_features
 from jobs.ingest import ingest
+from jobs.promotion import promotion_gate
 from jobs.ray_runtime import init_ray
 from jobs.runs import new_run_id
 from jobs.storage import Storage, join
@@ -35,7 +37,9 @@ class PipelineResult:
     seconds: dict = field(default_factory=dict)
 
 
-def lineage(config: Config, run_uri: str, storage: Storage, trained, seconds: dict) -> dict:
+def lineage(
+    config: Config, run_uri: str, storage: Storage, trained, evaluation, seconds: dict
+) -> dict:
     """What a bundle records about where it came from (and the inputs of its cost)."""
     ingest_report = storage.read_json(join(run_uri, "ingest", "_report.json"))
     features_report = storage.read_json(join(run_uri, "features", "_report.json"))
@@ -43,6 +47,12 @@ def lineage(config: Config, run_uri: str, storage: Storage, trained, seconds: di
         "config_digest": config.digest(),
         "config_name": config.name,
         "run_uri": run_uri,
+        "task": config.task,
+        "model_uri": trained.model_uri,
+        "training_id": trained.training_id,
+        "evaluation_uri": evaluation.metrics_uri,
+        "split": features_report.get("split", {}),
+        "calibration": evaluation.calibration.get("method", "none"),
         "git_commit": registry.git_commit(),
         "libraries": registry.library_versions(),
         "data": {name: report["fingerprint"] for name, report in ingest_report.items()},
@@ -84,10 +94,15 @@ def finish_run(
     storage = storage or Storage(config.s3)
     seconds = seconds if seconds is not None else {}
     trained = _timed(seconds, "train", train_model, config, run_uri, storage, params_override)
-    evaluation = _timed(seconds, "evaluate", evaluate, config, run_uri, storage)
+    evaluation = _timed(
+        seconds, "evaluate", evaluate, config, run_uri, storage, model_uri=trained.model_uri
+    )
     registry_uri = join(config.storage, "registry")
     gate = promotion_gate(config, run_uri, evaluation.metrics, storage)
-    record = {**lineage(config, run_uri, storage, trained, seconds), **(extra_lineage or {})}
+    record = {
+        **lineage(config, run_uri, storage, trained, evaluation, seconds),
+        **(extra_lineage or {}),
+    }
     version = registry.publish(
         storage,
         registry_uri,
@@ -96,6 +111,8 @@ def finish_run(
         evaluation.threshold,
         evaluation.metrics,
         record,
+        model_uri=trained.model_uri,
+        extra_files={"calibration.json": json.dumps(evaluation.calibration).encode()},
     )
     registry.set_alias(storage, registry_uri, config.name, "candidate", version, gate["reason"])
     if gate["promote"]:

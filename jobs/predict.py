@@ -21,6 +21,7 @@ from jobs.entrypoint import run_cli
 from jobs.featurespec import enrich, feature_matrix, transform
 from jobs.ray_runtime import init_ray
 from jobs.registry import Bundle, load_bundle
+from jobs.scoring import model_scores
 from jobs.storage import Storage, join
 
 
@@ -38,12 +39,36 @@ class PredictResult:
 def score_records(
     bundle: Bundle, records: pa.Table, raw_names: bool = False
 ) -> tuple[np.ndarray, pa.Array]:
-    """Scores for every record (NaN where the record fails validation) and the reasons."""
-    enriched, reasons = enrich(records, bundle.spec, bundle.lookups, raw_names)
-    matrix = feature_matrix(transform(enriched, bundle.spec), bundle.spec.feature_names)
-    scores = bundle.booster.inplace_predict(matrix) if len(matrix) else np.empty(0, np.float32)
+    """Scores for every record and the reasons records fail validation (their scores are NaN).
+
+    Binary: calibrated probabilities; multiclass: a row of class probabilities; regression:
+    the predicted value (`jobs.scoring`)."""
+    spec = bundle.spec
+    enriched, reasons = enrich(records, spec, bundle.lookups, raw_names)
+    matrix = feature_matrix(transform(enriched, spec), spec.feature_names)
+    scores = model_scores(bundle.booster, matrix, spec.task, bundle.calibration)
     invalid = pc.is_valid(reasons).to_numpy(zero_copy_only=False)
-    return np.where(invalid, np.nan, scores), reasons
+    mask = invalid.reshape(-1, *([1] * (scores.ndim - 1)))
+    return np.where(mask, np.nan, scores), reasons
+
+
+def prediction_columns(bundle: Bundle, scores: np.ndarray) -> dict[str, pa.Array]:
+    """Batch output columns per task (NaN / null where a row was quarantined)."""
+    spec, valid = bundle.spec, ~np.isnan(scores.reshape(len(scores), -1)).any(axis=1)
+    if spec.task == "binary":
+        labels = np.where(valid, (np.nan_to_num(scores) >= bundle.threshold).astype(int), -1)
+        return {
+            "score": pa.array(scores, pa.float64(), from_pandas=True),
+            "label": pa.array(labels, pa.int8()),
+        }
+    if spec.task == "multiclass":
+        best = np.nan_to_num(scores).argmax(axis=1) if len(scores) else np.empty(0, int)
+        names = [spec.classes[i] if ok else None for i, ok in zip(best, valid, strict=True)]
+        columns = {"label": pa.array(names, pa.string())}
+        for index, name in enumerate(spec.classes):
+            columns[f"probability_{name}"] = pa.array(scores[:, index], from_pandas=True)
+        return columns
+    return {"prediction": pa.array(scores, pa.float64(), from_pandas=True)}
 
 
 class BundleScorer:
@@ -59,15 +84,17 @@ class BundleScorer:
             batch.drop_columns([c for c in ("path",) if c in batch.column_names]),
             raw_names=True,
         )
-        raw_key = next(
-            (r for r, s in self.bundle.spec.source.rename.items() if s == self.key), self.key
-        )
-        labels = np.where(np.isnan(scores), -1, (scores >= self.bundle.threshold).astype(int))
+        if self.key:  # the record's own id; without one, every input column is kept
+            raw_key = next(
+                (r for r, s in self.bundle.spec.source.rename.items() if s == self.key), self.key
+            )
+            keys = {self.key: pc.cast(batch.column(raw_key), pa.string())}
+        else:
+            keys = {name: batch.column(name) for name in batch.column_names}
         return pa.table(
             {
-                self.key: pc.cast(batch.column(raw_key), pa.string()),
-                "score": pa.array(scores, pa.float64(), from_pandas=True),
-                "label": pa.array(labels, pa.int8()),
+                **keys,
+                **prediction_columns(self.bundle, scores),
                 "reason": reasons,
                 "model": pa.array([self.bundle.name] * batch.num_rows, pa.string()),
                 "version": pa.array([self.bundle.version] * batch.num_rows, pa.int32()),

@@ -1,4 +1,9 @@
-"""A self-contained HTML evaluation report: plots embedded as PNG data URIs, no external files."""
+"""A self-contained HTML evaluation report: plots embedded as PNG data URIs, no external files.
+
+Binary: ROC, precision-recall, calibration before and after, confusion at the threshold.
+Multiclass: confusion matrix and one-vs-rest metrics per class. Regression: predicted against
+actual and residuals. Every report says how the rows were split and shows slices.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn import metrics as skm  # noqa: E402
 
+from jobs.metrics import HEADLINE  # noqa: E402
+
 
 def _png(figure) -> str:
     buffer = io.BytesIO()
@@ -21,77 +28,144 @@ def _png(figure) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def _curves(labels: np.ndarray, scores: np.ndarray, metrics: dict) -> list[tuple[str, str]]:
+def _figure(title: str):
+    figure, axis = plt.subplots(figsize=(4, 3.4))
+    axis.set_title(title)
+    return figure, axis
+
+
+def _binary_plots(labels, scores, metrics) -> list[tuple[str, str]]:
     plots = []
-    figure, axis = plt.subplots(figsize=(4, 3.4))
+    figure, axis = _figure("ROC")
     skm.RocCurveDisplay.from_predictions(labels, scores, ax=axis)
-    axis.set_title("ROC")
     plots.append(("ROC curve", _png(figure)))
-    figure, axis = plt.subplots(figsize=(4, 3.4))
+    figure, axis = _figure("Precision-recall")
     skm.PrecisionRecallDisplay.from_predictions(labels, scores, ax=axis)
     axis.axhline(labels.mean(), linestyle="--", color="grey", label="base rate")
-    axis.set_title("Precision-recall")
     plots.append(("Precision-recall curve", _png(figure)))
-    figure, axis = plt.subplots(figsize=(4, 3.4))
     calibration = metrics["calibration"]
+    figure, axis = _figure(f"Calibration ({calibration['method']}, quantile bins)")
     axis.plot([0, 1], [0, 1], linestyle="--", color="grey")
-    axis.plot(calibration["mean_score"], calibration["fraction_positive"], marker="o")
+    for name in ("before", "after"):
+        curve = calibration[name]
+        axis.plot(curve["mean_score"], curve["fraction_positive"], marker="o", label=name)
     axis.set_xlabel("mean predicted score")
     axis.set_ylabel("fraction positive")
-    axis.set_title("Calibration (quantile bins)")
-    plots.append(("Calibration", _png(figure)))
-    importance = list(metrics["importance"].items())[:15][::-1]
-    if importance:
-        figure, axis = plt.subplots(figsize=(4.5, 3.8))
-        axis.barh([name for name, _ in importance], [value for _, value in importance])
-        axis.set_title("Feature importance (gain)")
-        plots.append(("Feature importance", _png(figure)))
+    axis.legend()
+    plots.append(("Calibration before and after", _png(figure)))
     return plots
 
 
-def _slice_table(slices: dict) -> str:
-    rows = []
-    for column, values in slices.items():
-        for value, m in values.items():
-            auc = "n/a" if m["pr_auc"] is None else f"{m['pr_auc']:.3f}"
-            rows.append(
-                f"<tr><td>{html.escape(column)}</td><td>{html.escape(str(value))}</td>"
-                f"<td>{m['rows']:,}</td><td>{m['positives']:,}</td><td>{auc}</td>"
-                f"<td>{m['precision']:.3f}</td><td>{m['recall']:.3f}</td><td>{m['f1']:.3f}</td></tr>"
+def _regression_plots(targets, predictions) -> list[tuple[str, str]]:
+    figure, axis = _figure("Predicted vs actual")
+    axis.scatter(targets, predictions, s=4, alpha=0.4)
+    low, high = float(np.min(targets)), float(np.max(targets))
+    axis.plot([low, high], [low, high], linestyle="--", color="grey")
+    axis.set_xlabel("actual")
+    axis.set_ylabel("predicted")
+    first = ("Predicted vs actual", _png(figure))
+    figure, axis = _figure("Residuals")
+    axis.hist(predictions - targets, bins=40)
+    return [first, ("Residuals", _png(figure))]
+
+
+def _importance_plot(metrics) -> list[tuple[str, str]]:
+    importance = list(metrics["importance"].items())[:15][::-1]
+    if not importance:
+        return []
+    figure, axis = plt.subplots(figsize=(4.5, 3.8))
+    axis.barh([name for name, _ in importance], [value for _, value in importance])
+    axis.set_title("Feature importance (gain)")
+    return [("Feature importance", _png(figure))]
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.3f}" if isinstance(value, float) else html.escape(str(value))
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_cell(v)}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _slice_table(slices: dict, task: str) -> str:
+    columns = list(HEADLINE[task][:4])
+    rows = [
+        [column, value, m["rows"], *[m.get(c) for c in columns]]
+        for column, values in slices.items()
+        for value, m in values.items()
+    ]
+    return _table(["slice", "value", "rows", *columns], rows)
+
+
+def _details(metrics: dict) -> str:
+    task = metrics["task"]
+    if task == "binary":
+        c = metrics["confusion"]
+        rate = metrics["positives"] / max(metrics["rows"], 1)
+        return (
+            f"<p>{metrics['positives']:,} positives (base rate {rate:.4f}). Scores are "
+            f"calibrated probabilities ({html.escape(metrics['calibration']['method'])}, fitted "
+            f"on the valid split); threshold {metrics['threshold']:.4f} chosen on valid by rule "
+            f"<code>{html.escape(metrics['threshold_rule']['rule'])}</code>.</p>"
+            "<h2>Confusion matrix at the threshold</h2>"
+            + _table(
+                ["", "predicted 0", "predicted 1"],
+                [["actual 0", c["tn"], c["fp"]], ["actual 1", c["fn"], c["tp"]]],
             )
-    header = (
-        "<tr><th>slice</th><th>value</th><th>rows</th><th>positives</th><th>PR-AUC</th>"
-        "<th>precision</th><th>recall</th><th>F1</th></tr>"
-    )
-    return f"<table>{header}{''.join(rows)}</table>"
+        )
+    if task == "multiclass":
+        classes = metrics["classes"]
+        confusion = [
+            [f"actual {name}", *row]
+            for name, row in zip(classes, metrics["confusion"], strict=True)
+        ]
+        per_class = [
+            [name, m["support"], m["precision"], m["recall"], m["f1"], m["pr_auc"]]
+            for name, m in metrics["per_class"].items()
+        ]
+        return (
+            "<h2>Per class (one vs rest)</h2>"
+            + _table(["class", "support", "precision", "recall", "F1", "PR-AUC"], per_class)
+            + "<h2>Confusion matrix</h2>"
+            + _table(["", *[f"predicted {n}" for n in classes]], confusion)
+        )
+    return f"<p>Mean target on test: {_cell(metrics.get('target_mean'))}.</p>"
 
 
-def write_html_report(metrics: dict, labels: np.ndarray, scores: np.ndarray) -> str:
+def write_html_report(
+    metrics: dict, labels: np.ndarray, scores: np.ndarray, raw: np.ndarray | None = None
+) -> str:
     """Returns the HTML text of the evaluation report."""
-    headline = ("roc_auc", "pr_auc", "precision", "recall", "f1", "brier", "log_loss")
+    task = metrics["task"]
     cells = "".join(
-        f"<tr><th>{name}</th><td>{metrics[name]:.4f}</td></tr>"
-        for name in headline
-        if metrics.get(name) is not None
+        f"<tr><th>{name}</th><td>{_cell(metrics.get(name))}</td></tr>" for name in HEADLINE[task]
     )
-    confusion = metrics["confusion"]
+    if task == "binary":
+        plots = _binary_plots(labels, scores, metrics)
+    elif task == "regression":
+        plots = _regression_plots(labels, scores)
+    else:
+        plots = []
     images = "".join(
         f'<figure><img alt="{title}" src="{uri}"><figcaption>{title}</figcaption></figure>'
-        for title, uri in _curves(labels, scores, metrics)
+        for title, uri in [*plots, *_importance_plot(metrics)]
     )
+    split = metrics.get("split", {})
+    how = html.escape(str(split.get("by", "random")))
+    stratified = " (stratified by class)" if split.get("stratified") else ""
+    fractions = ", ".join(f"{k} {split[k]:.0%}" for k in ("train", "valid", "test") if k in split)
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>rayline evaluation</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;margin:1em 0}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}
 figure{{display:inline-block}}</style>
-</head><body><h1>Evaluation on the test split</h1>
-<p>{metrics["rows"]:,} rows, {metrics["positives"]:,} positives (base rate
-{metrics["positives"] / max(metrics["rows"], 1):.4f}). Threshold {metrics["threshold"]:.4f}
-chosen on the valid split by rule <code>{html.escape(metrics["threshold_rule"]["rule"])}</code>.</p>
+</head><body><h1>Evaluation on the test split ({html.escape(task)})</h1>
+<p>{metrics["rows"]:,} test rows. Split: <b>{how}</b>{stratified}; {fractions}.</p>
 <table>{cells}</table>
-<h2>Confusion matrix at the threshold</h2>
-<table><tr><th></th><th>predicted 0</th><th>predicted 1</th></tr>
-<tr><th>actual 0</th><td>{confusion["tn"]:,}</td><td>{confusion["fp"]:,}</td></tr>
-<tr><th>actual 1</th><td>{confusion["fn"]:,}</td><td>{confusion["tp"]:,}</td></tr></table>
+{_details(metrics)}
 <h2>Plots</h2>{images}
-<h2>Slices</h2>{_slice_table(metrics["slices"])}
+<h2>Slices</h2>{_slice_table(metrics["slices"], task)}
 </body></html>"""

@@ -5,6 +5,8 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
+from jobs.metrics import HEADLINE
+
 console = Console()
 
 
@@ -43,11 +45,39 @@ def print_rows(title: str, rows: dict[str, object]) -> None:
 
 
 def print_features(features) -> None:
-    rows = {
-        f"{name} rows": f"{count:,} ({features.positives[name]:,} positive)"
-        for name, count in features.rows.items()
-    }
-    print_rows("features", {**rows, "feature spec": features.spec_uri})
+    rows = {}
+    for name, count in features.rows.items():
+        classes = features.class_counts.get(name) or {}
+        detail = ", ".join(f"{k}: {v:,}" for k, v in list(classes.items())[:6])
+        rows[f"{name} rows"] = f"{count:,}" + (f" ({detail})" if detail else "")
+    split = features.split
+    how = f"{split.get('by', 'random')}" + (" (stratified)" if split.get("stratified") else "")
+    print_rows("features", {"split": how, **rows, "feature spec": features.spec_uri})
+
+
+def _number(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def evaluation_rows(evaluation) -> dict[str, str]:
+    metrics = evaluation.metrics
+    rows = {name: _number(metrics.get(name)) for name in HEADLINE[evaluation.task]}
+    if evaluation.task == "binary":
+        base_rate = metrics["positives"] / max(metrics["rows"], 1)
+        rows["pr_auc"] += f" (base rate {base_rate:.4f})"
+        calibration = metrics.get("calibration", {})
+        rows["calibration"] = (
+            f"{calibration.get('method')}: Brier {_number(calibration.get('brier_before'))} -> "
+            f"{_number(calibration.get('brier_after'))}"
+        )
+        rows["threshold"] = f"{evaluation.threshold:.4f} ({evaluation.threshold_rule})"
+    rows["split"] = str(metrics.get("split", {}).get("by", "random"))
+    rows["report"] = evaluation.report_uri
+    return rows
+
+
+def print_evaluation(evaluation) -> None:
+    print_rows(f"evaluate ({evaluation.task}, test split)", evaluation_rows(evaluation))
 
 
 def print_training(trained, evaluation, result) -> None:
@@ -57,26 +87,16 @@ def print_training(trained, evaluation, result) -> None:
         {
             "plan": f"{trained.plan}: {trained.plan_reason}",
             "rounds (best)": f"{trained.rounds} ({trained.best_iteration + 1})",
-            "valid PR-AUC": f"{trained.valid_aucpr:.4f}",
-            "class imbalance": ", ".join(f"{k}={v}" for k, v in trained.imbalance.items()),
+            f"valid {trained.valid_metric}": f"{trained.valid_aucpr:.4f}",
+            "class imbalance": ", ".join(
+                f"{k}={v}" for k, v in trained.imbalance.items() if k != "class_counts"
+            ),
             "resumed from round": str(trained.resumed_from_round),
             "seconds": f"{trained.seconds:.1f}",
             "model": trained.model_uri,
         },
     )
-    metrics = evaluation.metrics
-    base_rate = metrics["positives"] / metrics["rows"]
-    print_rows(
-        "evaluate (test split)",
-        {
-            "ROC-AUC": f"{metrics['roc_auc']:.4f}",
-            "PR-AUC": f"{metrics['pr_auc']:.4f} (base rate {base_rate:.4f})",
-            "precision / recall / F1": f"{metrics['precision']:.3f} / {metrics['recall']:.3f} / "
-            f"{metrics['f1']:.3f}",
-            "threshold": f"{evaluation.threshold:.4f} ({evaluation.threshold_rule})",
-            "report": evaluation.report_uri,
-        },
-    )
+    print_evaluation(evaluation)
     print_rows(
         "register",
         {

@@ -15,11 +15,20 @@ from typing import Annotated
 import ray
 import typer
 
-from jobs.boosting import TrainResult, imbalance_plan, xgb_params
+from jobs.boosting import (
+    MODEL_FILE,
+    OBJECTIVES,
+    TrainResult,
+    features_digest,
+    task_imbalance,
+    training_key,
+    xgb_params,
+)
 from jobs.config import Config, TrainConfig, load_config
 from jobs.entrypoint import run_cli
 from jobs.errors import TrainingError
 from jobs.ray_runtime import init_ray
+from jobs.runs import new_run_id
 from jobs.storage import Storage, join
 from jobs.train_plans import run_distributed, run_single
 
@@ -41,7 +50,10 @@ def train_model(
     storage: Storage | None = None,
     params_override: dict | None = None,
 ) -> TrainResult:
-    """Trains on `run_uri`'s feature splits and writes the model next to them."""
+    """Trains on `run_uri`'s feature splits; the model goes to its own folder
+    `train/models/<training id>/`, so a later training in the same run (a tuned retrain) never
+    overwrites a model that a registered bundle's lineage points at. `train/_result.json`
+    names the latest one."""
     storage = storage or Storage(config.s3)
     init_ray(config)
     started = time.perf_counter()
@@ -58,9 +70,18 @@ def train_model(
     cluster_cpus = sum(n["Resources"].get("CPU", 0) for n in nodes)
     plan, reason = choose_plan(train_cfg, rows, cluster_cpus, len(nodes))
     runner = run_single if plan == "single" else run_distributed
-    imbalance = imbalance_plan(report["positives"]["train"], rows, train_cfg)
+    spec = storage.read_json(join(features_uri, "feature_spec.json"))
+    imbalance = task_imbalance(
+        config.task, report["class_counts"]["train"], train_cfg, len(spec.get("classes", []))
+    )
     result = runner(config, train_cfg, run_uri, storage, imbalance)
     result.plan, result.plan_reason = plan, reason
+    key = training_key(train_cfg, config.seed, features_digest(storage, run_uri))
+    result.training_id = f"{key}-{new_run_id()}"
+    model_uri = join(run_uri, "train", "models", result.training_id, MODEL_FILE)
+    storage.write_bytes(model_uri, storage.read_bytes(result.model_uri))
+    result.model_uri = model_uri
+    result.valid_metric = list(OBJECTIVES[config.task]["eval_metric"])[-1]
     result.seconds = round(time.perf_counter() - started, 3)
     storage.write_json(join(run_uri, "train", "_result.json"), asdict(result))
     return result

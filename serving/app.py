@@ -23,13 +23,16 @@ from jobs.config import Config, load_config
 from jobs.featurespec import FeatureSpec, online_source
 from jobs.predict import score_records
 from jobs.registry import Bundle, load_bundle, resolve
+from jobs.scoring import predictions as to_predictions
 from jobs.storage import Storage, join
 from jobs.validate import ARROW_TYPES
 
 PYTHON_TYPES = {
     "string": str | int,  # ids often arrive as numbers; they are compared as strings
     "int64": int,
-    "float64": float,
+    # NaN, ±Infinity and numbers too large for a double (which JSON parsing turns into
+    # infinity) are 422, naming the field, never a score.
+    "float64": Annotated[float, Field(allow_inf_nan=False)],
     "bool": bool,
     "timestamp": datetime,
     "date": date,
@@ -93,6 +96,7 @@ class ModelServer:
         return {
             "model": self.bundle.name,
             "version": self.bundle.version,
+            "task": self.bundle.spec.task,
             "threshold": self.bundle.threshold,
         }
 
@@ -112,11 +116,14 @@ class ModelServer:
                 for i in range(start, end)
                 if reasons[i] is not None
             ]
-            threshold = self.bundle.threshold
-            predictions = [
-                {"score": float(scores[i]), "label": int(scores[i] >= threshold)}
-                for i in range(start, end)
-            ]
+            spec = self.bundle.spec
+            predictions = (
+                []
+                if errors
+                else to_predictions(
+                    scores[start:end], spec.task, self.bundle.threshold, spec.classes
+                )
+            )
             results.append({"errors": errors, "predictions": predictions, **self.info()})
             start = end
         return results
