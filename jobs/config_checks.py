@@ -174,6 +174,8 @@ def check_task(config) -> None:
                 "features.label", f"a regression label must be float64 or int64, not {label_type}"
             )
     else:
+        if task == "multiclass" and (mapping is None or mapping.positive is not None):
+            _fail("features.label", "multiclass needs {column: ..., classes: [...]} or values")
         if mapping is not None and label_type != "string":
             _fail("features.label", f"a mapped label must be declared string, not {label_type}")
         if mapping is None and label_type not in ("int64", "bool"):
@@ -182,8 +184,6 @@ def check_task(config) -> None:
                 "declare how labels map to classes, e.g. "
                 f'{{column: {features.label}, positive: "yes"}}',
             )
-        if task == "multiclass" and (mapping is None or mapping.positive is not None):
-            _fail("features.label", "multiclass needs {column: ..., classes: [...]} or values")
         if mapping is not None:
             indices = sorted(set(mapping.mapping().values()))
             classes = 2 if task == "binary" else len(indices)

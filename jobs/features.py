@@ -317,7 +317,15 @@ def build_features(
     clock.lap("transform")
     out = join(run_uri, "features")
     result = FeaturesResult(
-        join(out, "feature_spec.json"), {}, {}, {}, {}, {}, {}, _split_record(config), seconds
+        spec_uri=join(out, "feature_spec.json"),
+        split_uris={},
+        lookup_uris={},
+        rows={},
+        positives={},
+        class_counts={},
+        split=_split_record(config),
+        fingerprints={},
+        seconds=seconds,
     )
     for index, name in enumerate(SPLITS):
         uri = join(out, name)

@@ -125,3 +125,64 @@ def test_undeclared_columns_fail_before_any_work(key, value, path, column):
         load_config(ROOT / "configs" / "fraud.yaml", {key: value})
     message = str(raised.value)
     assert path in message and repr(column) in message
+
+
+def _load(overrides: dict, path: Path = CONFIG):
+    return load_config(path, overrides)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "path_in_message"),
+    [
+        ({"features.numeric": ["amount_usd", "amunt_usd"]}, "features.numeric[1]"),
+        ({"features.categorical": ["chanel"]}, "features.categorical[0]"),
+        ({"features.log_transform": ["channel"]}, "features.log_transform[0]"),
+        (
+            {"features.derived.customer_age": {"kind": "years_since_year", "columns": ["x"]}},
+            "features.derived.customer_age.columns[0]",
+        ),
+        ({"features.history.amount": "amount_eur"}, "features.history.amount"),
+        ({"evaluate.slices": ["channel", "chanel"]}, "evaluate.slices[1]"),
+        ({"evaluate.slices": ["amount_usd"]}, "evaluate.slices[0]"),
+        ({"features.categorical": ["channel", "customer_email"]}, "features.categorical[1]"),
+        ({"features.timestamp": None}, "needs features.timestamp"),
+        ({"split.by": "group"}, "split.group"),
+        ({"split.group": "custmer"}, "split.group"),
+        ({"evaluate.promotion.metric": "rmse"}, "evaluate.promotion.metric"),
+        ({"tune.metric": "mlogloss"}, "tune.metric"),
+        ({"task": "multiclass"}, "features.label"),
+        ({"features.label": {"column": "label", "positive": "1"}}, "features.label"),
+    ],
+)
+def test_every_column_and_metric_named_anywhere_is_checked_before_any_work(
+    overrides, path_in_message
+):
+    """A typo in any feature, slice, derived, history, split or metric key fails at parse time,
+    naming the key path (and a PII column can never be a feature)."""
+    with pytest.raises(ConfigError) as error:
+        _load(overrides)
+    assert path_in_message in str(error.value), str(error.value)
+
+
+def test_pii_column_as_feature_is_refused_by_name():
+    with pytest.raises(ConfigError, match="PII column"):
+        _load({"features.categorical": ["channel", "customer_email"]})
+
+
+def test_label_mappings_for_each_task():
+    survey = load_config(ROOT / "configs" / "survey.yaml")
+    assert survey.features.label == "renews"
+    assert survey.features.label_map.mapping() == {"no": 0, "yes": 1}
+    rules = {(r.check, r.column) for r in survey.sources["responses"].rules}
+    assert ("allowed", "renews") in rules and ("not_null", "renews") in rules
+    segments = load_config(ROOT / "configs" / "segments.yaml")
+    assert segments.features.label_map.mapping() == {"bronze": 0, "silver": 1, "gold": 2}
+    houses = load_config(ROOT / "configs" / "houses.yaml")
+    assert houses.task == "regression" and houses.features.label_map is None
+    with pytest.raises(ConfigError, match="exactly one of"):
+        load_config(
+            ROOT / "configs" / "segments.yaml",
+            {"features.label": {"column": "segment", "classes": ["a", "b"], "values": {"a": 0}}},
+        )
+    with pytest.raises(ConfigError, match="multiclass needs"):
+        load_config(ROOT / "configs" / "segments.yaml", {"features.label": "segment"})

@@ -12,7 +12,8 @@ from sklearn import metrics as skm
 
 from jobs import registry
 from jobs.config import ThresholdConfig
-from jobs.evaluate import choose_threshold, classification_metrics
+from jobs.evaluate import choose_threshold
+from jobs.metrics import binary_metrics as classification_metrics
 from jobs.pipeline import finish_run
 from jobs.storage import Storage, join
 from tests.conftest import make_config
@@ -58,7 +59,8 @@ def test_min_cost_threshold_beats_other_thresholds_on_cost(scored):
 
 def test_report_and_metrics_written_next_to_the_run(pipeline_run):
     config, result = pipeline_run
-    metrics = json.loads((Path(result.run_uri) / "evaluate" / "metrics.json").read_text())
+    folder = Path(result.run_uri, "evaluate", Path(result.metrics["model_uri"]).parent.name)
+    metrics = json.loads((folder / "metrics.json").read_text())
     for key in (
         "roc_auc",
         "pr_auc",
@@ -76,7 +78,7 @@ def test_report_and_metrics_written_next_to_the_run(pipeline_run):
     assert set(metrics["slices"]) == set(config.evaluate.slices)
     assert sum(v["rows"] for v in metrics["slices"]["channel"].values()) == metrics["rows"]
     assert "pos" in metrics["slices"]["channel"]
-    html = (Path(result.run_uri) / "evaluate" / "report.html").read_text()
+    html = (folder / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 4
     assert "<td>merchant_category</td>" in html and 'src="http' not in html
 
@@ -125,3 +127,22 @@ def test_gate_promotes_a_winner_and_rollback_restores(pipeline_run, tmp_path):
     )
     registry.rollback(storage, registry_uri, config.name)
     assert registry.get_alias(storage, registry_uri, config.name, "production")["version"] == before
+
+
+def test_scores_are_calibrated_probabilities_and_the_report_shows_both_curves(pipeline_run):
+    """scale_pos_weight pushes raw scores far above the base rate; calibration on valid brings
+    them back: the test-split Brier score drops and the mean score is near the base rate."""
+    config, result = pipeline_run
+    metrics = result.metrics
+    calibration = metrics["calibration"]
+    assert calibration["method"] == config.evaluate.calibration == "isotonic"
+    assert calibration["brier_after"] < calibration["brier_before"]
+    after = calibration["after"]
+    assert max(after["mean_score"]) <= 1.0 and min(after["mean_score"]) >= 0.0
+    base_rate = metrics["positives"] / metrics["rows"]
+    assert np.mean(after["mean_score"]) < 3 * base_rate + 0.01
+    assert np.mean(calibration["before"]["mean_score"]) > np.mean(after["mean_score"])
+    folder = Path(result.run_uri, "evaluate", Path(metrics["model_uri"]).parent.name)
+    html = (folder / "report.html").read_text()
+    assert "Calibration before and after" in html and "Split: <b>time</b>" in html
+    assert json.loads((folder / "calibration.json").read_text())["method"] == "isotonic"

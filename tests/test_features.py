@@ -44,7 +44,11 @@ def rerun_features(config, run_uri: str, target: Path):
 
 @pytest.fixture(scope="module")
 def run(ray_session, sample_data, tmp_path_factory):
-    config = make_config(sample_data, tmp_path_factory.mktemp("features-store"))
+    # A random split here (stratification, seeds); the fraud config's time split and a group
+    # split have their own tests below.
+    config = make_config(
+        sample_data, tmp_path_factory.mktemp("features-store"), **{"split.by": "random"}
+    )
     ingested = ingest(config)
     return config, ingested, build_features(config, ingested.run_uri)
 
@@ -125,6 +129,37 @@ def test_splits_are_stratified(run, splits, clean):
         rate = pc.mean(splits[name].column(label)).as_py()
         assert abs(rate - overall) <= MAX_RATE_GAP, (name, rate, overall)
         assert run[2].positives[name] == pc.sum(splits[name].column(label)).as_py()
+        assert run[2].class_counts[name]["1"] == run[2].positives[name]
+
+
+def test_time_split_puts_the_latest_events_in_test(run, tmp_path):
+    """split.by: time: every train event precedes every valid event, which precede test."""
+    config, ingested, _ = run
+    timed = config.model_copy(update={"split": config.split.model_copy(update={"by": "time"})})
+    result = rerun_features(timed, ingested.run_uri, tmp_path / "time")
+    raw = read_dir(str(tmp_path / "time" / "features" / "test_raw"))
+    clean = read_dir(ingested.output_uri)
+    test_ids = set(raw.column("transaction_id").to_pylist())
+    in_test = pc.is_in(clean.column("transaction_id"), value_set=pa.array(sorted(test_ids)))
+    earliest_test = pc.min(clean.filter(in_test).column("timestamp")).as_py()
+    latest_other = pc.max(clean.filter(pc.invert(in_test)).column("timestamp")).as_py()
+    assert latest_other <= earliest_test
+    assert abs(result.rows["test"] - 0.15 * clean.num_rows) <= 0.01 * clean.num_rows
+    assert result.split["by"] == "time" and not result.split["stratified"]
+
+
+def test_group_split_keeps_each_customer_in_one_split(run, tmp_path):
+    config, ingested, _ = run
+    grouped = config.model_copy(
+        update={"split": config.split.model_copy(update={"by": "group", "group": "customer_id"})}
+    )
+    rerun_features(grouped, ingested.run_uri, tmp_path / "group")
+    clean = read_dir(ingested.output_uri)
+    raw = read_dir(str(tmp_path / "group" / "features" / "test_raw"))
+    test_customers = set(raw.column("customer_id").to_pylist())
+    test_ids = set(raw.column("transaction_id").to_pylist())
+    for row in clean.select(["transaction_id", "customer_id"]).to_pylist():
+        assert (row["transaction_id"] in test_ids) == (row["customer_id"] in test_customers)
 
 
 def test_split_assignment_is_deterministic_per_seed(run, test_raw, tmp_path):
