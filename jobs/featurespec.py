@@ -170,9 +170,7 @@ def history_from_state(records: pa.Table, state: pa.Table, features: FeaturesCon
 def derive(table: pa.Table, features: FeaturesConfig) -> pa.Table:
     """Derived and time features, relative to each event's own timestamp."""
     timestamp = (
-        pc.cast(table.column(features.timestamp), pa.timestamp("s"))
-        if features.timestamp
-        else None
+        pc.cast(table.column(features.timestamp), pa.timestamp("s")) if features.timestamp else None
     )
     for name, spec in features.derived.items():
         first = table.column(spec.columns[0])

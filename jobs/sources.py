@@ -1,25 +1,31 @@
-"""Sources: find a source's files, set unreadable ones aside, read CSV and JSONL line-aware.
+"""Sources: find a source's files, set unreadable ones aside, read each file into Arrow.
 
 Used by `jobs.ingest` before and during validation. Nothing here drops a row silently: a
-malformed line becomes a flagged row, an unreadable file is reported by name, and neither
-keeps PII in clear.
+malformed line becomes a flagged row (`jobs.textfiles`), an unreadable file is reported by
+name, and neither keeps PII in clear.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
-import io
 import json
 
 import pyarrow as pa
-import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from jobs import validate
 from jobs.config import SourceConfig
 from jobs.errors import SourceError, StorageError
 from jobs.storage import Storage, join
+from jobs.textfiles import read_text
+
+HEAD_BYTES = 65536
+MAX_HEAD_BYTES = 8 * 2**20
+# What a damaged file raises while it is read: I/O and decompression errors (OSError), bad
+# encodings or structure (ArrowInvalid, ValueError, UnicodeError), indices out of bounds.
+READ_ERRORS = (OSError, ValueError, IndexError, pa.ArrowException)
 
 
 def probe(storage: Storage, name: str, source: SourceConfig) -> tuple[list[str], dict[str, str]]:
@@ -37,11 +43,8 @@ def probe(storage: Storage, name: str, source: SourceConfig) -> tuple[list[str],
                 fs, path = storage.filesystem(uri)
                 names = pq.read_schema(path, filesystem=fs).names
             else:
-                fs, path = storage.filesystem(uri)
-                with fs.open_input_stream(path) as stream:
-                    head = stream.read(65536).decode("utf-8", errors="replace")
-                names = text_columns(head, source.format)
-        except (OSError, ValueError, pa.ArrowInvalid, IndexError) as error:
+                names = text_columns(head_lines(storage, uri, source.encoding), source.format)
+        except READ_ERRORS as error:
             bad[uri] = f"unreadable {source.format} file: {str(error).splitlines()[0][:200]}"
             continue
         validate.check_schema(names, source, name, uri)
@@ -51,94 +54,58 @@ def probe(storage: Storage, name: str, source: SourceConfig) -> tuple[list[str],
     return good, bad
 
 
-def read_text_file(storage: Storage, uri: str, source: SourceConfig, key: bytes) -> pa.Table:
-    """Reads one CSV or JSONL file as strings; lines that do not parse become flagged rows.
+def head_lines(storage: Storage, uri: str, encoding: str) -> list[str]:
+    """The first complete lines of a text file, split on "\n" only like the reader does.
 
-    Their quarantine record never holds PII in clear: parsed rows are redacted, and a line whose
-    fields cannot be trusted (in a source with PII) keeps only its number and digest.
+    Tolerant, as a probe should be (an undecodable byte shows as U+FFFD here; the reader
+    quarantines its line), but correct: decoded in the source's encoding, a character cut at
+    the end of the head is not mangled, and a line cut there is left out.
     """
-    raw_names = list(validate.raw_columns(source).values())
-    text = storage.read_bytes(uri).decode("utf-8", errors="replace")
-    columns: dict[str, list] = {name: [] for name in raw_names}
-    reasons: list[str | None] = []
-    records: list[str | None] = []
-
-    def flag(reason: str, record: str) -> None:
-        for name in raw_names:
-            columns[name].append(None)
-        reasons.append(reason)
-        records.append(record)
-
-    if source.format == "csv":
-        bad_lines: list[tuple[int, str]] = []
-
-        def on_invalid(row) -> str:
-            bad_lines.append((row.number, row.text))
-            return "skip"
-
-        table = pacsv.read_csv(
-            io.BytesIO(text.encode()),
-            read_options=pacsv.ReadOptions(use_threads=False),  # threads lose line numbers
-            convert_options=pacsv.ConvertOptions(
-                column_types={name: pa.string() for name in raw_names}, include_columns=raw_names
-            ),
-            parse_options=pacsv.ParseOptions(invalid_row_handler=on_invalid),
-        )
-        for name in raw_names:
-            columns[name] = table.column(name).to_pylist()
-        reasons = [None] * table.num_rows
-        records = [None] * table.num_rows
-        header = next(csv.reader([text.split("\n", 1)[0]]))
-        for number, line in bad_lines:
-            if source.pii:  # fields may be shifted: any of them could hold PII
-                flag("csv: wrong number of fields", validate.unparseable_record(line, number))
-                continue
-            fields = dict(zip(header, next(csv.reader([line]), []), strict=False))
-            row = {name: fields.get(name) for name in raw_names}
-            flag("csv: wrong number of fields", json.dumps({**row, "_line": number}))
-    else:
-        declared = {raw: source.types[std] for std, raw in validate.raw_columns(source).items()}
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                if not isinstance(row, dict):
-                    raise ValueError("not an object")
-            except ValueError:
-                flag(
-                    f"jsonl: line {number} is not a JSON object",
-                    validate.unparseable_record(line, number),
-                )
-                continue
-            wrong = [
-                name
-                for name in raw_names
-                if row.get(name) is not None
-                and (
-                    isinstance(row[name], dict | list)
-                    or (declared[name] == "string" and not isinstance(row[name], str))
-                )
-            ]
-            for name in raw_names:
-                value = row.get(name)
-                columns[name].append(None if value is None else str(value))
-            reasons.append(f"{wrong[0]}: wrong JSON type" if wrong else None)
-            declared_only = {name: row.get(name) for name in raw_names}
-            records.append(
-                validate.redact_record(declared_only, source.pii, key, source.rename)
-                if wrong
-                else None
-            )
-    result = pa.table({name: pa.array(values, pa.string()) for name, values in columns.items()})
-    return result.append_column(validate.REASON, pa.array(reasons, pa.string())).append_column(
-        validate.RECORD, pa.array(records, pa.string())
-    )
+    fs, path = storage.filesystem(uri)
+    decoder = codecs.getincrementaldecoder(encoding)(errors="replace")
+    text, complete, size = "", False, 0
+    with fs.open_input_stream(path) as stream:
+        while "\n" not in text and not complete and size < MAX_HEAD_BYTES:
+            chunk = stream.read(HEAD_BYTES)
+            size += len(chunk)
+            complete = len(chunk) < HEAD_BYTES
+            text += decoder.decode(chunk, final=complete)
+    lines = text.removeprefix("\ufeff").split("\n")
+    if not complete:
+        lines = lines[:-1]
+    return [line.removesuffix("\r") for line in lines]
 
 
-def text_columns(head: str, file_format: str) -> list[str]:
-    """Column names from the start of a CSV (header) or JSONL file (keys of parseable lines)."""
-    lines = head.splitlines()
+def read_file(storage: Storage, uri: str, source: SourceConfig, key: bytes):
+    """One file as an Arrow table (raw columns, plus reason/record for text files) and its
+    counts: {"rows"} for parquet (from the footer), line accounting for text files."""
+    if source.format == "parquet":
+        return read_parquet(storage, uri, source)
+    return read_text(storage.read_bytes(uri), source, key)
+
+
+def read_parquet(storage: Storage, uri: str, source: SourceConfig) -> tuple[pa.Table, dict]:
+    """Reads the declared columns and checks what was read.
+
+    A corrupt page under an intact footer either fails to decode (OSError, ArrowInvalid) or
+    decodes into arrays with out-of-range dictionary indices or offsets, which only fail
+    later, inside another task; a full validation here catches those in this file's task.
+    Page checksums are verified where the writer stored them.
+    """
+    fs, path = storage.filesystem(uri)
+    columns = list(dict.fromkeys(validate.raw_columns(source).values()))
+    with fs.open_input_file(path) as handle:
+        parquet = pq.ParquetFile(handle, page_checksum_verification=True)
+        table = parquet.read(columns=columns, use_threads=False)
+        rows = parquet.metadata.num_rows
+    table.validate(full=True)
+    if table.num_rows != rows:
+        raise ValueError(f"read {table.num_rows} rows where its footer says {rows}")
+    return table, {"rows": rows}
+
+
+def text_columns(lines: list[str], file_format: str) -> list[str]:
+    """Column names from the first lines of a CSV (header) or JSONL file (keys of objects)."""
     if file_format == "csv":
         return next(csv.reader(lines[:1]), [])
     names: dict[str, None] = {}

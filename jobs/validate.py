@@ -16,13 +16,19 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from jobs.config import Allowed, NotNull, Range, References, SourceConfig
-from jobs.errors import SchemaError
+from jobs.errors import SchemaError, SourceError
 
 REASON = "_reason"
 RECORD = "_record"
 PATH = "path"
 ROW = "_row"
+# Decimal text only: "nan", "inf", "infinity", "0x1p3" are not numbers here. "1e999" is, and
+# overflows to infinity, which `standardize` flags as "not a finite number".
 NUMERIC_PATTERN = r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"
+# Integers this short fit int64 exactly and cast directly; others go through float64 and must
+# be whole and within 2**53, where a float64 still holds every integer exactly.
+INTEGER_PATTERN = r"^\s*-?\d{1,18}\s*$"
+EXACT_FLOAT_INTEGER = 2.0**53
 ARROW_TYPES = {
     "string": pa.string(),
     "int64": pa.int64(),
@@ -79,9 +85,12 @@ def _cast(column: pa.ChunkedArray, target: str, formats: list[str]) -> pa.Chunke
         valid = pc.match_substring_regex(text, NUMERIC_PATTERN)
         as_float = pc.cast(pc.if_else(valid, text, None), pa.float64())
         if target == "int64":
-            whole = pc.equal(as_float, pc.floor(as_float))
-            return pc.cast(pc.if_else(whole, as_float, None), pa.int64())
+            short = pc.match_substring_regex(text, INTEGER_PATTERN)
+            exact = pc.cast(pc.if_else(short, text, None), pa.int64())
+            return pc.coalesce(exact, _whole_floats(as_float))
         return as_float
+    if pa.types.is_floating(column.type) and target == "int64":
+        return _whole_floats(pc.cast(column, pa.float64()))
     if pa.types.is_timestamp(column.type) and target == "date":
         return pc.cast(column, pa.date32())
     if pa.types.is_timestamp(column.type):
@@ -99,9 +108,13 @@ def standardize(table: pa.Table, source: SourceConfig) -> tuple[pa.Table, pa.Arr
     columns = {}
     for standard, raw in raw_columns(source).items():
         original = table.column(raw)
+        if pa.types.is_floating(original.type):
+            original = nan_to_null(original)
         value = _cast(original, source.types[standard], source.timestamp_formats)
         lost = pc.and_(pc.is_null(value), pc.is_valid(original))
         reasons = add_reason(reasons, lost, f"{standard}: not a valid {source.types[standard]}")
+        if source.types[standard] == "float64":
+            reasons = _flag_not_finite(reasons, value, standard)
         mode = source.normalize.get(standard)
         if mode:
             value = pc.utf8_trim_whitespace(value)
@@ -120,8 +133,30 @@ def standardize(table: pa.Table, source: SourceConfig) -> tuple[pa.Table, pa.Arr
         unknown = pc.and_(pc.is_null(rate), pc.is_valid(codes))
         reasons = add_reason(reasons, unknown, f"{currency.code}: unknown currency")
         converted = pc.multiply(result.column(currency.amount), rate)
+        reasons = _flag_not_finite(reasons, converted, currency.output)  # 1e308 * 1.27 = inf
         result = result.append_column(currency.output, converted)
     return result, reasons
+
+
+def nan_to_null(values: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
+    """NaN in a float column is a missing value: as null, `not_null` catches it, an optional
+    column stays null, and no comparison silently passes it (NaN < x and NaN > x are false)."""
+    return pc.if_else(pc.is_nan(values), pa.scalar(None, values.type), values)
+
+
+def _flag_not_finite(reasons: pa.Array, values, column: str) -> pa.Array:
+    """Infinity (or a NaN a computation produced) passes range rules; it is never valid data."""
+    return add_reason(reasons, pc.invert(pc.is_finite(values)), f"{column}: not a finite number")
+
+
+def _whole_floats(values: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
+    """int64 from float64 without silent truncation: only whole, finite values within
+    2**53 are kept (3.0 -> 3); 3.5, inf and 1e30 become null, which the caller flags."""
+    whole = pc.and_(
+        pc.equal(values, pc.floor(values)),
+        pc.less_equal(pc.abs(values), EXACT_FLOAT_INTEGER),
+    )
+    return pc.cast(pc.if_else(whole, values, None), pa.int64())
 
 
 def check_rows(
@@ -197,10 +232,14 @@ def redact_record(row: dict, pii: dict[str, str], key: bytes, rename: dict[str, 
     return json.dumps(row, default=str)
 
 
-def unparseable_record(line: str, number: int) -> str:
-    """A line that cannot be parsed may hold PII anywhere: keep only where it was and its digest."""
-    digest = hashlib.sha256(line.encode()).hexdigest()
-    return json.dumps({"line": number, "bytes": len(line.encode()), "sha256": digest})
+def unparseable_record(line: str | bytes, number: int) -> str:
+    """A line that cannot be parsed may hold PII anywhere: keep only where it was and its digest.
+
+    Bytes are hashed as they are (a line that is not valid text), text as UTF-8.
+    """
+    raw = line if isinstance(line, bytes) else line.encode()
+    digest = hashlib.sha256(raw).hexdigest()
+    return json.dumps({"line": number, "bytes": len(raw), "sha256": digest})
 
 
 def quarantine_records(
@@ -215,7 +254,11 @@ def quarantine_records(
 
 
 def join_dimensions(table: pa.Table, dimensions: list[tuple[str, str, pa.Table]]) -> pa.Table:
-    """Left-joins dimension tables (key, column prefix, table); used in ingest and in serving."""
+    """Left-joins dimension tables (key, column prefix, table); used in ingest and in serving.
+
+    A dimension key that appears twice would repeat the fact rows that match it and inflate
+    every count downstream; ingest quarantines such keys, and this raises if one gets through.
+    """
     if not dimensions:
         return table
     table = table.append_column(ROW, pa.array(np.arange(table.num_rows)))
@@ -223,5 +266,17 @@ def join_dimensions(table: pa.Table, dimensions: list[tuple[str, str, pa.Table]]
         renamed = dimension.rename_columns(
             [c if c == key_column else prefix + c for c in dimension.column_names]
         )
+        rows = table.num_rows
         table = table.join(renamed, keys=key_column, join_type="left outer")
+        if table.num_rows != rows:
+            raise SourceError(_fan_out_message(dimension, key_column, prefix, rows, table))
     return table.sort_by(ROW).drop_columns([ROW])  # Arrow's hash join does not keep row order
+
+
+def _fan_out_message(dimension: pa.Table, key: str, prefix: str, rows: int, joined) -> str:
+    counts = dimension.group_by(key).aggregate([([], "count_all")])
+    repeated = pc.sum(pc.greater(counts.column("count_all"), 1)).as_py()
+    return (
+        f"join on {key!r} (columns {prefix}*) turned {rows} rows into {joined.num_rows}: "
+        f"{repeated} key(s) appear more than once in the joined table"
+    )
