@@ -1,9 +1,11 @@
 """Registry: immutable, versioned model bundles and movable aliases on any storage URI.
 
 A bundle is data only: XGBoost UBJSON, the FeatureSpec and lookup tables (JSON, parquet),
-metrics and lineage, plus a manifest of SHA-256 checksums written last. A version without a
-manifest does not exist; an alias is one small object replaced atomically, so a crash while
-publishing never changes what `production` points to. Loading a bundle runs no code.
+metrics and lineage, optional extra files (e.g. `calibration.json`), plus a manifest of SHA-256
+checksums written last. A version without a manifest does not exist. Concurrent publishers
+never share a version folder: each first claims one with an exclusive create
+(`jobs.versions`); aliases move by compare-and-swap (`jobs.aliases`), so a crash or a race
+never changes what `production` points to behind anyone's back. Loading a bundle runs no code.
 """
 
 from __future__ import annotations
@@ -15,18 +17,41 @@ import platform
 import subprocess
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Annotated
+from typing import Annotated, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import typer
 import xgboost as xgb
 
+from jobs.aliases import get_alias, rollback, set_alias
 from jobs.errors import BundleError
 from jobs.featurespec import FeatureSpec
+from jobs.metrics import HEADLINE
 from jobs.storage import Storage, join
+from jobs.versions import CLAIM, MANIFEST, claim_version, list_versions, version_dir
 
-MANIFEST = "manifest.json"
+__all__ = [
+    "Bundle",
+    "BundleError",
+    "get_alias",
+    "list_versions",
+    "load_bundle",
+    "publish",
+    "resolve",
+    "rollback",
+    "set_alias",
+]
+
+STANDARD_FILES = {
+    "model.ubj",
+    "feature_spec.json",
+    "metrics.json",
+    "lineage.json",
+    "bundle.json",
+    MANIFEST,
+    CLAIM,
+}
 
 
 @dataclass
@@ -36,36 +61,16 @@ class Bundle:
     booster: xgb.Booster
     spec: FeatureSpec
     lookups: dict[str, pa.Table]
-    threshold: float
+    threshold: float | None  # binary only
     metrics: dict
     lineage: dict
     info: dict = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)  # extra files: parsed JSON or bytes
 
-
-def _version_dir(registry_uri: str, name: str, version: int) -> str:
-    return join(registry_uri, name, "versions", f"{version:06d}")
-
-
-def list_versions(storage: Storage, registry_uri: str, name: str) -> list[int]:
-    """Published versions (those with a manifest), oldest first."""
-    root = join(registry_uri, name, "versions")
-    if not storage.exists(root):
-        return []
-    versions = set()
-    for uri in storage.list_files(root):
-        relative = uri.split("/versions/", 1)[1]
-        folder, _, rest = relative.partition("/")
-        if rest == MANIFEST and folder.isdigit():
-            versions.add(int(folder))
-    return sorted(versions)
-
-
-def _next_version(storage: Storage, registry_uri: str, name: str) -> int:
-    root = join(registry_uri, name, "versions")
-    if not storage.exists(root):
-        return 1
-    folders = {uri.split("/versions/", 1)[1].split("/")[0] for uri in storage.list_files(root)}
-    return max([int(f) for f in folders if f.isdigit()], default=0) + 1
+    @property
+    def calibration(self) -> dict | None:
+        """`calibration.json` if the bundle was published with one."""
+        return self.extras.get("calibration.json")
 
 
 def library_versions() -> dict:
@@ -89,32 +94,65 @@ def git_commit() -> str:
         return "unknown"
 
 
+def _check_extra_file(relative: str, data: bytes) -> None:
+    parts = relative.split("/")
+    if (
+        relative in STANDARD_FILES
+        or relative.startswith("lookups/")
+        or any(part in ("", ".", "..") or part.startswith((".", "_")) for part in parts)
+    ):
+        raise BundleError(
+            f"extra bundle file {relative!r} is not allowed (a reserved, hidden or empty name)"
+        )
+    if relative.endswith(".json"):
+        try:
+            json.loads(data)
+        except ValueError as error:
+            raise BundleError(f"extra bundle file {relative!r} is not JSON: {error}") from None
+
+
 def publish(
     storage: Storage,
     registry_uri: str,
     name: str,
     run_uri: str,
-    threshold: float,
+    threshold: float | None,
     metrics: dict,
     lineage: dict,
+    *,
+    model_uri: str | None = None,
+    extra_files: dict[str, bytes] | None = None,
 ) -> int:
-    """Copies a run's model, spec and lookups into a new immutable version; returns it."""
-    version = _next_version(storage, registry_uri, name)
-    folder = _version_dir(registry_uri, name, version)
+    """Copies a run's model, spec and lookups into a new immutable version; returns it.
+
+    Args:
+        model_uri: the model to publish instead of `<run_uri>/train/model.ubj`.
+        extra_files: more files for the bundle by relative name (e.g. "calibration.json");
+            they are covered by the manifest and `load_bundle` returns them in `extras`.
+    """
     features = join(run_uri, "features")
     files = {
-        "model.ubj": storage.read_bytes(join(run_uri, "train", "model.ubj")),
+        "model.ubj": storage.read_bytes(model_uri or join(run_uri, "train", "model.ubj")),
         "feature_spec.json": storage.read_bytes(join(features, "feature_spec.json")),
     }
-    for uri in storage.list_files(join(features, "lookups")):
+    lookups = join(features, "lookups")  # none when the features need no join or history
+    for uri in storage.list_files(lookups) if storage.exists(lookups) else []:
         files[f"lookups/{uri.rsplit('/', 1)[1]}"] = storage.read_bytes(uri)
+    for relative, data in (extra_files or {}).items():
+        _check_extra_file(relative, data)
+        files[relative] = bytes(data)
+
+    # Everything is read before the claim, so a claimed folder is filled without delay.
+    claim = claim_version(storage, registry_uri, name, run_uri)
+    folder = version_dir(registry_uri, name, claim.version)
     now = datetime.now(timezone.utc).isoformat()
     info = {
         "name": name,
-        "version": version,
+        "version": claim.version,
         "threshold": threshold,
         "created": now,
         "run_uri": run_uri,
+        "publisher": claim.owner,
     }
     for file_name, payload in (
         ("metrics.json", metrics),
@@ -125,55 +163,18 @@ def publish(
     for relative, data in files.items():
         storage.write_bytes(join(folder, relative), data)
     checksums = {relative: hashlib.sha256(data).hexdigest() for relative, data in files.items()}
+    checksums[CLAIM] = hashlib.sha256(claim.data).hexdigest()
     storage.write_json(
         join(folder, MANIFEST),
-        {"name": name, "version": version, "files": checksums, "created": now},
+        {
+            "name": name,
+            "version": claim.version,
+            "publisher": claim.owner,
+            "files": checksums,
+            "created": now,
+        },
     )
-    return version
-
-
-def get_alias(storage: Storage, registry_uri: str, name: str, alias: str) -> dict | None:
-    uri = join(registry_uri, name, "aliases", f"{alias}.json")
-    return storage.read_json(uri) if storage.exists(uri) else None
-
-
-def set_alias(
-    storage: Storage, registry_uri: str, name: str, alias: str, version: int, reason: str = ""
-) -> dict:
-    """Points `alias` at `version` (which must be published), remembering the previous one."""
-    if version not in list_versions(storage, registry_uri, name):
-        raise BundleError(f"model {name!r} has no published version {version}")
-    current = get_alias(storage, registry_uri, name, alias) or {"history": []}
-    history = list(current.get("history", []))
-    if "version" in current and current["version"] != version:
-        history.append(current["version"])
-    pointer = {
-        "version": version,
-        "history": history[-50:],
-        "reason": reason,
-        "updated": datetime.now(timezone.utc).isoformat(),
-    }
-    storage.write_json(join(registry_uri, name, "aliases", f"{alias}.json"), pointer)
-    return pointer
-
-
-def rollback(storage: Storage, registry_uri: str, name: str, alias: str = "production") -> dict:
-    """Moves `alias` back to the version it pointed to before."""
-    current = get_alias(storage, registry_uri, name, alias)
-    if not current or not current.get("history"):
-        raise BundleError(
-            f"alias {alias!r} of model {name!r} has no earlier version to roll back to"
-        )
-    history = list(current["history"])
-    previous = history.pop()
-    pointer = {
-        "version": previous,
-        "history": history,
-        "reason": f"rollback from {current['version']}",
-        "updated": datetime.now(timezone.utc).isoformat(),
-    }
-    storage.write_json(join(registry_uri, name, "aliases", f"{alias}.json"), pointer)
-    return pointer
+    return claim.version
 
 
 def resolve(storage: Storage, registry_uri: str, name: str, ref: str | int) -> int:
@@ -191,7 +192,7 @@ def load_bundle(
 ) -> Bundle:
     """Loads and verifies a bundle; every file must match the manifest's checksum."""
     version = resolve(storage, registry_uri, name, ref)
-    folder = _version_dir(registry_uri, name, version)
+    folder = version_dir(registry_uri, name, version)
     if not storage.exists(join(folder, MANIFEST)):
         raise BundleError(f"model {name!r} version {version}: no manifest at {folder}")
     manifest = storage.read_json(join(folder, MANIFEST))
@@ -214,16 +215,22 @@ def load_bundle(
         for relative, blob in data.items()
         if relative.startswith("lookups/")
     }
+    extras = {
+        relative: json.loads(blob) if relative.endswith(".json") else blob
+        for relative, blob in data.items()
+        if relative not in STANDARD_FILES and not relative.startswith(("lookups/", "_"))
+    }
     return Bundle(
         name=name,
         version=version,
         booster=booster,
         spec=FeatureSpec.model_validate_json(data["feature_spec.json"]),
         lookups=lookups,
-        threshold=float(info["threshold"]),
+        threshold=None if info["threshold"] is None else float(info["threshold"]),
         metrics=json.loads(data["metrics.json"]),
         lineage=json.loads(data["lineage.json"]),
         info=info,
+        extras=extras,
     )
 
 
@@ -252,22 +259,29 @@ def list_command(config: Annotated[str, typer.Option(help="Pipeline config YAML"
             alias = uri.rsplit("/", 1)[1].removesuffix(".json")
             aliases.setdefault(storage.read_json(uri)["version"], []).append(alias)
     table = Table(title=f"model {name}")
-    for column in ("version", "aliases", "pr_auc", "roc_auc", "threshold", "created"):
+    for column in ("version", "aliases", "task", "metrics (test)", "threshold", "created"):
         table.add_column(column)
     for version in list_versions(storage, registry_uri, name):
-        folder = _version_dir(registry_uri, name, version)
+        folder = version_dir(registry_uri, name, version)
         metrics, info = (
             storage.read_json(join(folder, f)) for f in ("metrics.json", "bundle.json")
         )
         table.add_row(
             str(version),
             ", ".join(aliases.get(version, [])),
-            f"{metrics.get('pr_auc') or 0:.4f}",
-            f"{metrics.get('roc_auc') or 0:.4f}",
-            f"{info['threshold']:.4f}",
+            metrics.get("task", "binary"),
+            _headline(metrics),
+            "n/a" if info["threshold"] is None else f"{info['threshold']:.4f}",
             info["created"][:19],
         )
     console.print(table)
+
+
+def _headline(metrics: dict) -> str:
+    names = HEADLINE[metrics.get("task", "binary")][:3]
+    return ", ".join(
+        f"{n} {metrics[n]:.4f}" for n in names if isinstance(metrics.get(n), int | float)
+    )
 
 
 @app.command()
@@ -280,9 +294,8 @@ def show(
 
     storage, registry_uri, name = _context(config)
     bundle = load_bundle(storage, registry_uri, name, ref)
-    headline = {
-        k: bundle.metrics.get(k) for k in ("roc_auc", "pr_auc", "precision", "recall", "f1")
-    }
+    task = bundle.metrics.get("task", "binary")
+    headline = {k: bundle.metrics.get(k) for k in HEADLINE[task]}
     console.print_json(data={"info": bundle.info, "metrics": headline, "lineage": bundle.lineage})
 
 
