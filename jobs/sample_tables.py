@@ -77,7 +77,8 @@ def houses(rows: int, seed: int) -> list[dict]:
     age = rng.integers(0, 80, rows)
     city = rng.choice(CITIES, rows)
     premium = np.select([city == "lisbon", city == "porto"], [1.6, 1.3], 1.0)
-    price = (120 * sqft + 9000 * rooms - 800 * age) * premium + rng.normal(0, 15000, rows)
+    price = (120 * sqft + 9000 * rooms - 500 * age + 20000) * premium + rng.normal(0, 15000, rows)
+    price = np.maximum(price, 10000.0)
     start = np.datetime64("2025-01-01", "D")
     listed = start + rng.integers(0, 365, rows)
     return [

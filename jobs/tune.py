@@ -3,10 +3,20 @@
 Search space, searcher (random or Optuna), ASHA early stopping, trial count, wall-time budget
 and CPUs per trial all come from the config's `tune:` section. The experiment lives under the
 run's storage, so an interrupted search resumes with `Tuner.restore`.
+
+That state is pickled, and unpickling runs code, so it is signed (`jobs.signing`: an HMAC with
+a key that lives only where the driver runs) whenever `fit()` returns or is interrupted, and
+verified before it is restored: state that does not match is never loaded. A new search (or
+`--fresh`) deletes the old state first, so nothing left in the folder gets signed as ours.
+While Tune runs, a progress bar counts trials finished, running and stopped early.
 """
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Annotated
@@ -19,10 +29,18 @@ from jobs.boosting import KNOWN_PARAMS, apply_imbalance, load_splits, xgb_params
 from jobs.config import Config, TuneConfig, load_config
 from jobs.entrypoint import run_cli
 from jobs.errors import TrainingError
+from jobs.progress import bar
 from jobs.ray_runtime import init_ray
+from jobs.signing import sign_tree, verify_tree
 from jobs.storage import Storage, join
 
 REPORT_EVERY = 5  # divides ASHA's rungs for the default grace_period (10) and factor (3)
+DEFAULT_METRIC = {"binary": "aucpr", "multiclass": "mlogloss", "regression": "rmse"}
+LOWER_IS_BETTER = {"logloss", "mlogloss", "merror", "rmse", "mae"}
+
+
+class TuneInterrupted(TrainingError):
+    """The search was stopped (Ctrl+C / SIGINT); its state was saved and signed."""
 
 
 @dataclass
@@ -36,6 +54,12 @@ class TuneResult:
     experiment_uri: str
     results_uri: str
     table: list[dict]
+
+
+def objective(config: Config) -> tuple[str, str]:
+    """The XGBoost metric trials optimise (the config's, else the task's default) and its mode."""
+    name = config.tune.metric or DEFAULT_METRIC[getattr(config, "task", "binary")]
+    return name, ("min" if name in LOWER_IS_BETTER else "max")
 
 
 def search_space(tune_cfg: TuneConfig) -> dict:
@@ -102,16 +126,67 @@ def _trial(params: dict, data: dict, base: dict, rounds: int, early: int, metric
     )
 
 
+_progress: dict = {"update": None}  # the driver's bar while fit() runs; see _progress_callback
+
+
+def _show_progress(trials: list, max_rounds: int) -> None:
+    update = _progress["update"]
+    if update is None:
+        return
+    counts = {"done": 0, "running": 0, "early": 0, "failed": 0}
+    for trial in trials:
+        if trial.status == "TERMINATED":
+            counts["done"] += 1
+            counts["early"] += (trial.last_result or {}).get("rounds", max_rounds) < max_rounds
+        elif trial.status == "ERROR":
+            counts["done"] += 1
+            counts["failed"] += 1
+        elif trial.status == "RUNNING":
+            counts["running"] += 1
+    status = f"{counts['running']} running, {counts['early']} stopped early"
+    update(
+        completed=counts["done"],
+        status=status + f", {counts['failed']} failed" * bool(counts["failed"]),
+    )
+
+
+def _progress_callback(max_rounds: int):
+    """A Tune callback that feeds the driver's progress bar (`_progress["update"]`).
+
+    Tune pickles its callbacks into `tuner.pkl` and a restored search uses the unpickled ones,
+    so the callback holds only `max_rounds`, pickles as a call to this function, and finds the
+    bar through the module, not through its own state. Defined lazily: importing `ray.tune`
+    costs ~1.4 s that `rayline --help` should not pay.
+    """
+    from ray.tune import Callback
+
+    class TuneProgress(Callback):
+        def __init__(self, max_rounds: int):
+            self.max_rounds = max_rounds
+
+        def __reduce__(self):
+            return _progress_callback, (self.max_rounds,)
+
+        def on_step_end(self, iteration: int, trials: list, **info) -> None:
+            _show_progress(trials, self.max_rounds)
+
+        def on_experiment_end(self, trials: list, **info) -> None:
+            _show_progress(trials, self.max_rounds)
+
+    return TuneProgress(max_rounds)
+
+
 def _tuner(config: Config, experiment: tuple, trainable, restore: bool):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     tune_cfg = config.tune
     path, fs = experiment
-    full_path = join(path, "experiment")
-    if restore and tune.Tuner.can_restore(full_path, storage_filesystem=fs):
+    if restore:  # only after verify_tree accepted the state: this unpickles it
+        full_path = join(path, "experiment")
         return tune.Tuner.restore(full_path, trainable, resume_errored=True, storage_filesystem=fs)
-    metric, mode = f"valid_{tune_cfg.metric}", ("min" if tune_cfg.metric == "logloss" else "max")
+    name, mode = objective(config)
+    metric = f"valid_{name}"
     scheduler = (
         ASHAScheduler(
             time_attr="rounds",
@@ -142,7 +217,11 @@ def _tuner(config: Config, experiment: tuple, trainable, restore: bool):
             reuse_actors=True,
         ),
         run_config=tune.RunConfig(
-            name="experiment", storage_path=path, storage_filesystem=fs, verbose=0
+            name="experiment",
+            storage_path=path,
+            storage_filesystem=fs,
+            verbose=0,
+            callbacks=[_progress_callback(tune_cfg.num_boost_round)],
         ),
     )
 
@@ -150,14 +229,31 @@ def _tuner(config: Config, experiment: tuple, trainable, restore: bool):
 def tune_model(
     config: Config, run_uri: str, storage: Storage | None = None, restore: bool = True
 ) -> TuneResult:
-    """Searches hyperparameters on the run's train/valid splits; returns the best."""
+    """Searches hyperparameters on the run's train/valid splits; returns the best.
+
+    With `restore`, a search found under the run resumes, but only if its state matches the
+    signature written when it stopped; otherwise this raises `TrainingError` without loading
+    it. Without `restore` (`--fresh`) the old state is deleted. Raises `TuneInterrupted`
+    (after saving and signing the state) when the search was stopped by SIGINT.
+    """
     from ray import tune
 
     storage = storage or Storage(config.s3)
+    tune_cfg = config.tune
+    name, mode = objective(config)
+    search_space(tune_cfg)  # fail on bad names before loading data
+    experiment_uri = join(run_uri, "tune")
+    state_uri = join(experiment_uri, "experiment")
+    signature_uri = join(experiment_uri, "experiment.sig.json")
+    fs, path = storage.filesystem(experiment_uri)
+    resume = restore and tune.Tuner.can_restore(join(path, "experiment"), storage_filesystem=fs)
+    if resume:
+        _check_signature(storage, state_uri, signature_uri)
+    else:  # a new search starts from an empty folder, so we never sign what someone left there
+        storage.delete(state_uri)
+        storage.delete(signature_uri)
     init_ray(config)
     started = time.perf_counter()
-    tune_cfg = config.tune
-    search_space(tune_cfg)  # fail on bad names before loading data
     splits = load_splits(storage, run_uri, config)
     x_valid, y_valid, imbalance = splits.x_valid, splits.y_valid, splits.imbalance
     # Trials optimise the same objective training will: weights or down-sampling included.
@@ -165,7 +261,7 @@ def tune_model(
         splits.x_train, splits.y_train, imbalance, config.seed
     )
     base = xgb_params(config.train, config.seed, max(1, int(tune_cfg.cpus_per_trial)), imbalance)
-    base["eval_metric"] = [tune_cfg.metric]
+    base["eval_metric"] = [name]
     trainable = tune.with_resources(
         tune.with_parameters(
             _trial,
@@ -179,15 +275,26 @@ def tune_model(
             base=base,
             rounds=tune_cfg.num_boost_round,
             early=config.train.early_stopping_rounds,
-            metric=tune_cfg.metric,
+            metric=name,
         ),
         {"cpu": tune_cfg.cpus_per_trial},
     )
-    experiment_uri = join(run_uri, "tune")
-    fs, path = storage.filesystem(experiment_uri)
-    grid = _tuner(config, (path, fs), trainable, restore).fit()
-    metric = f"valid_{tune_cfg.metric}"
-    best_of = max if tune_cfg.metric != "logloss" else min
+    with bar("tune: trials", total=tune_cfg.num_samples) as update:
+        _progress["update"] = update
+        try:  # on SIGINT Tune stops its trials, saves its state and returns normally
+            grid, stopped = _fit(_tuner(config, (path, fs), trainable, resume))
+        finally:
+            _progress["update"] = None
+            if storage.exists(state_uri):
+                sign_tree(storage, state_uri, signature_uri)
+    finished = grid.num_terminated + grid.num_errors
+    if stopped or finished < len(grid):
+        raise TuneInterrupted(
+            f"tune interrupted with {finished} trial(s) finished; the search state is saved "
+            f"and signed at {state_uri}; run the same command to resume"
+        )
+    metric = f"valid_{name}"
+    best_of = max if mode == "max" else min
     rows = []
     for result in grid:
         if result.metrics_dataframe is None or metric not in result.metrics_dataframe:
@@ -202,7 +309,7 @@ def tune_model(
         )
     if not rows:
         raise TrainingError(f"no Tune trial reported {metric}; see {experiment_uri}")
-    best = (max if best_of is max else min)(rows, key=lambda row: row["best"])
+    best = best_of(rows, key=lambda row: row["best"])
     result = TuneResult(
         best_params={
             k: (int(v) if isinstance(v, np.integer) else v)
@@ -222,6 +329,40 @@ def tune_model(
     return result
 
 
+def _check_signature(storage: Storage, state_uri: str, signature_uri: str) -> None:
+    """Refuses (one line, exit 2) to restore Tune state that does not match its signature."""
+    problem = verify_tree(storage, state_uri, signature_uri)
+    if problem:
+        raise TrainingError(
+            f"refusing to restore the Tune experiment {state_uri}: it does not match the "
+            f"signature rayline wrote when it stopped ({problem}), so it may have been written "
+            "by someone else and loading it could run their code; re-run with --fresh to "
+            "delete it and start a new search"
+        )
+
+
+def _fit(tuner) -> tuple:
+    """`tuner.fit()`, and whether a stop signal (SIGINT, SIGUSR1) ended it early.
+
+    Tune swaps in its own SIGINT handler for the run, puts the previous one back only when it
+    fires, and leaves its own installed after a normal run (so a later Ctrl+C, during the
+    retraining, would only log a warning). So: the previous handler being back means that Tune
+    was signalled; either way the previous handler is restored.
+    """
+    watch = threading.current_thread() is threading.main_thread() and not int(
+        os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0")
+    )
+    before = signal.getsignal(signal.SIGINT)
+    stopped = False
+    try:
+        grid = tuner.fit()
+    finally:
+        if watch:
+            stopped = signal.getsignal(signal.SIGINT) is before
+            signal.signal(signal.SIGINT, before)
+    return grid, stopped
+
+
 def print_results(result: TuneResult) -> None:
     from rich.table import Table
 
@@ -234,7 +375,8 @@ def print_results(result: TuneResult) -> None:
     columns = list(result.table[0])
     for column in columns:
         table.add_column(column)
-    for row in sorted(result.table, key=lambda r: -r["best"])[:20]:
+    lower_is_better = result.metric.removeprefix("valid_") in LOWER_IS_BETTER
+    for row in sorted(result.table, key=lambda r: r["best"], reverse=not lower_is_better)[:20]:
         table.add_row(
             *[f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in columns]
         )
@@ -248,13 +390,20 @@ def print_results(result: TuneResult) -> None:
 def main(
     config: Annotated[str, typer.Option(help="Pipeline config YAML")],
     run: Annotated[str, typer.Option(help="Run URI with a features/ output")],
-    fresh: Annotated[bool, typer.Option(help="Start over instead of resuming")] = False,
+    fresh: Annotated[
+        bool,
+        typer.Option(help="Delete the saved search (if any) and start over instead of resuming"),
+    ] = False,
 ) -> None:
     """Tune hyperparameters, then retrain with the best, evaluate and register (gated)."""
     from jobs.pipeline import finish_run
 
     loaded = load_config(config)
-    result = tune_model(loaded, run, restore=not fresh)
+    try:
+        result = tune_model(loaded, run, restore=not fresh)
+    except TuneInterrupted as interrupted:
+        print(str(interrupted), file=sys.stderr)
+        raise typer.Exit(130) from None
     print_results(result)
     finish_run(
         loaded,
@@ -265,4 +414,8 @@ def main(
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    # Run the importable module's `main`, not this `__main__` copy: Tune pickles the progress
+    # callback into tuner.pkl, which must refer to `jobs.tune` (and its bar) by name.
+    from jobs import tune
+
+    run_cli(tune.main)

@@ -14,7 +14,9 @@ from typing import Annotated, Any
 
 import pyarrow as pa
 import typer
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, create_model
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -86,6 +88,21 @@ def _utc_naive(value: datetime | None) -> datetime | None:
     return value.astimezone(timezone.utc).replace(tzinfo=None)
 
 
+async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    """422 naming each field, without echoing the offending value back: a NaN or infinity
+    cannot be written as JSON (FastAPI's default handler answered 500), and an echoed value
+    could be a secret or a megabyte of text."""
+    detail = [
+        {
+            "loc": list(item.get("loc", ())),
+            "msg": str(item.get("msg", "")),
+            "type": item.get("type"),
+        }
+        for item in error.errors()
+    ]
+    return JSONResponse(status_code=422, content={"detail": detail})
+
+
 class ModelServer:
     """Holds one bundle and scores batches of requests in one call to the model."""
 
@@ -153,6 +170,7 @@ def build_app(config: Config, loader: BundleLoader | None = None):
         ),
     )
     api = FastAPI(title="rayline", description="Scores raw records with the registered model.")
+    api.add_exception_handler(RequestValidationError, validation_error)
 
     batched = serve.batch(
         max_batch_size=serve_cfg.max_batch_size,

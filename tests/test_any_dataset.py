@@ -117,7 +117,12 @@ def test_served_over_http_with_the_same_scores_as_in_process(shaped_run):
         assert response.status_code == 200, response.text
         body = response.json()
         bad = dict(records[0], **{config.features.numeric[0]: math.nan})
-        refused = requests.post(f"{url}/predict", json={"records": [bad]}, timeout=60)
+        refused = requests.post(  # a literal NaN, as json.dumps writes it by default
+            f"{url}/predict",
+            data=json.dumps({"records": [bad]}),
+            headers={"content-type": "application/json"},
+            timeout=60,
+        )
         assert refused.status_code == 422
         assert config.features.numeric[0] in refused.text
     finally:
@@ -125,9 +130,10 @@ def test_served_over_http_with_the_same_scores_as_in_process(shaped_run):
     predictions = body["predictions"]
     assert body["model"] == config.name and len(predictions) == len(records)
     bundle = load_bundle(Storage(), join(config.storage, "registry"), config.name)
-    from serving.app import records_table
+    from serving.app import record_model, records_table
 
-    expected, reasons = score_records(bundle, records_table(records, bundle.spec))
+    parsed = [record_model(bundle.spec).model_validate(r).model_dump() for r in records]
+    expected, reasons = score_records(bundle, records_table(parsed, bundle.spec))
     assert reasons.null_count == len(records)
     if kind == "survey":
         assert {p["label"] for p in predictions} <= {0, 1}

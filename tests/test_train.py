@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from jobs.boosting import checkpoint_uri, imbalance_plan
+from jobs.boosting import checkpoint_uri, features_digest, imbalance_plan
 from jobs.errors import TrainingError
 from jobs.registry import load_bundle
 from jobs.storage import Storage, join
@@ -80,11 +80,39 @@ def test_single_class_and_empty_split_are_named(pipeline_run, tmp_path):
 def test_missing_checkpoint_is_an_error_not_a_silent_restart(pipeline_run, tmp_path):
     config, result = pipeline_run
     run_uri = copy_features(result.run_uri, tmp_path)
-    folder = checkpoint_uri(run_uri, config.train, config.seed)
+    folder = checkpoint_uri(run_uri, config.train, config.seed, features_digest(Storage(), run_uri))
     gone = join(folder, "round-000020.ubj")
     Storage().write_json(join(folder, "latest.json"), {"round": 20, "uri": gone})
     with pytest.raises(TrainingError, match="round-000020.ubj"):
         train_model(config, run_uri)
+
+
+@pytest.mark.slow
+def test_rebuilt_features_never_resume_old_checkpoints_and_models_are_never_overwritten(
+    pipeline_run, tmp_path
+):
+    """Checkpoints are keyed by the features' fingerprint as well as the training config, and
+    every training writes its own model folder (a registered bundle's lineage stays true)."""
+    config, result = pipeline_run
+    small = make_config(
+        "d", config.storage, **{"train.num_boost_round": 40, "train.checkpoint_every": 10}
+    )
+    run_uri = copy_features(result.run_uri, tmp_path)
+    first = train_model(small, run_uri)
+    first_bytes = Path(first.model_uri).read_bytes()
+    again = train_model(small, run_uri)  # same features: resumes from its checkpoints
+    assert again.resumed_from_round > 0
+    report_uri = join(run_uri, "features", "_report.json")
+    report = Storage().read_json(report_uri)
+    report["fingerprints"]["train"]["content_hash"] = "0" * 16  # as a features re-run would
+    Storage().write_json(report_uri, report)
+    rebuilt = train_model(small, run_uri)
+    assert rebuilt.resumed_from_round == 0
+    assert rebuilt.checkpoint_uri != first.checkpoint_uri
+    assert len({first.model_uri, again.model_uri, rebuilt.model_uri}) == 3
+    assert Path(first.model_uri).read_bytes() == first_bytes
+    latest = Storage().read_json(join(run_uri, "train", "_result.json"))
+    assert latest["model_uri"] == rebuilt.model_uri
 
 
 @pytest.mark.slow
