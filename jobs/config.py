@@ -14,10 +14,24 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from jobs.config_checks import add_label_rules, check_features, check_sources, check_task
+from jobs.config_checks import (
+    LOWER_IS_BETTER,
+    TASK_METRICS,
+    check_features,
+    check_sources,
+    check_task,
+)
 from jobs.errors import ConfigError
+from jobs.label_map import LabelMap
 
-__all__ = ["Config", "ConfigError", "load_config", "parse_config"]
+__all__ = [
+    "LOWER_IS_BETTER",
+    "TASK_METRICS",
+    "Config",
+    "ConfigError",
+    "load_config",
+    "parse_config",
+]
 
 
 class Strict(BaseModel):
@@ -141,54 +155,6 @@ class SplitConfig(Strict):
         return self
 
 
-class LabelMap(Strict):
-    """How raw label values become classes. Values are matched as trimmed, lower-cased text;
-    a value that matches nothing is quarantined at ingest."""
-
-    positive: list[str] | None = Field(None, description="binary: the value(s) meaning 1")
-    negative: list[str] | None = Field(None, description="binary: the value(s) meaning 0")
-    values: dict[str, int] | None = Field(None, description="explicit raw value -> class index")
-    classes: list[str] | None = Field(None, description="multiclass: class names, in order")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _one_value_is_a_list(cls, data):
-        if isinstance(data, dict):
-            for key in ("positive", "negative", "classes"):
-                if isinstance(data.get(key), str | int | bool):
-                    data = {**data, key: [data[key]]}
-        return data
-
-    @model_validator(mode="after")
-    def _normalized(self) -> LabelMap:
-        def norm(value) -> str:
-            return str(value).strip().lower()
-
-        if self.values is not None:
-            self.values = {norm(k): v for k, v in self.values.items()}
-        for key in ("positive", "negative", "classes"):
-            value = getattr(self, key)
-            if value is not None:
-                setattr(self, key, [norm(v) for v in value])
-        given = [k for k in ("positive", "values", "classes") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError("give exactly one of positive (+ negative), values or classes")
-        if self.negative is not None and self.positive is None:
-            raise ValueError("negative needs positive")
-        return self
-
-    def mapping(self) -> dict[str, int]:
-        """Raw (normalized) value -> class index."""
-        if self.values is not None:
-            return dict(self.values)
-        if self.classes is not None:
-            return {name: index for index, name in enumerate(self.classes)}
-        return {
-            **dict.fromkeys(self.negative or [], 0),
-            **dict.fromkeys(self.positive or [], 1),
-        }
-
-
 class DerivedFeature(Strict):
     kind: Literal["years_since_year", "days_since", "not_equal"]
     columns: list[str]
@@ -284,14 +250,6 @@ class ThresholdConfig(Strict):
     target_recall: float = Field(0.8, gt=0, le=1)
     cost_false_positive: float = 1.0
     cost_false_negative: float = 20.0
-
-
-TASK_METRICS = {
-    "binary": ("pr_auc", "roc_auc", "f1", "log_loss", "brier"),
-    "multiclass": ("log_loss", "macro_f1", "accuracy", "macro_pr_auc"),
-    "regression": ("rmse", "mae", "r2"),
-}
-LOWER_IS_BETTER = {"log_loss", "brier", "rmse", "mae", "logloss", "mlogloss", "merror"}
 
 
 class PromotionConfig(Strict):
@@ -410,3 +368,23 @@ def load_config(path: str | Path, overrides: dict | None = None) -> Config:
             node = node.setdefault(key, {})
         node[leaf] = value
     return parse_config(data, origin=str(path))
+
+
+def add_label_rules(config) -> None:
+    """Rows with a null or unknown label are quarantined at ingest, like any other bad row."""
+    features, task = config.features, config.task
+    fact = config.sources[config.fact]
+    label = features.label
+    existing = {(rule.check, rule.column) for rule in fact.rules}
+    implicit = []
+    if ("not_null", label) not in existing:
+        implicit.append(NotNull(check="not_null", column=label))
+    if features.label_map is not None:
+        fact.normalize.setdefault(label, "lower")
+        known = sorted(features.label_map.mapping())
+        closed = features.label_map.positive is None or features.label_map.negative is not None
+        if closed and ("allowed", label) not in existing:
+            implicit.append(Allowed(check="allowed", column=label, values=known))
+    elif task != "regression" and fact.types[label] == "int64" and ("range", label) not in existing:
+        implicit.append(Range(check="range", column=label, min=0, max=1))
+    fact.rules = [*fact.rules, *implicit]

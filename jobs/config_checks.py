@@ -15,6 +15,12 @@ HISTORY_FEATURES = [
     "hist_seconds_since_prev",
 ]
 NEEDS_TIMESTAMP = {"years_since_year", "days_since"}
+TASK_METRICS = {
+    "binary": ("pr_auc", "roc_auc", "f1", "log_loss", "brier"),
+    "multiclass": ("log_loss", "macro_f1", "accuracy", "macro_pr_auc"),
+    "regression": ("rmse", "mae", "r2"),
+}
+LOWER_IS_BETTER = {"log_loss", "brier", "rmse", "mae", "logloss", "mlogloss", "merror"}
 
 
 def _fail(path: str, message: str) -> None:
@@ -161,8 +167,6 @@ def check_features(config) -> None:
 
 def check_task(config) -> None:
     """The task, the label's declared type, its mapping and the metrics must fit together."""
-    from jobs.config import TASK_METRICS
-
     task, features = config.task, config.features
     label_type = config.sources[config.fact].types[features.label]
     mapping = features.label_map
@@ -205,25 +209,3 @@ def check_task(config) -> None:
     }[task]
     if tune_metric is not None and tune_metric not in allowed:
         _fail("tune.metric", f"{tune_metric!r} is not a {task} metric {sorted(allowed)}")
-
-
-def add_label_rules(config) -> None:
-    """Rows with a null or unknown label are quarantined at ingest, like any other bad row."""
-    from jobs.config import Allowed, NotNull, Range
-
-    features, task = config.features, config.task
-    fact = config.sources[config.fact]
-    label = features.label
-    existing = {(rule.check, rule.column) for rule in fact.rules}
-    implicit = []
-    if ("not_null", label) not in existing:
-        implicit.append(NotNull(check="not_null", column=label))
-    if features.label_map is not None:
-        fact.normalize.setdefault(label, "lower")
-        known = sorted(features.label_map.mapping())
-        closed = features.label_map.positive is None or features.label_map.negative is not None
-        if closed and ("allowed", label) not in existing:
-            implicit.append(Allowed(check="allowed", column=label, values=known))
-    elif task != "regression" and fact.types[label] == "int64" and ("range", label) not in existing:
-        implicit.append(Range(check="range", column=label, min=0, max=1))
-    fact.rules = [*fact.rules, *implicit]
