@@ -42,6 +42,29 @@ def generate_command(
     )
 
 
+@data_app.command("table")
+def table_command(
+    kind: Annotated[
+        str,
+        typer.Argument(
+            help="survey (CSV, binary), segments (parquet, "
+            "multiclass) or houses (JSONL, regression)"
+        ),
+    ],
+    out: Annotated[str, typer.Option(help="Folder to write the table under")],
+    rows: Annotated[int, typer.Option(help="Number of rows")] = 3000,
+    seed: Annotated[int, typer.Option(help="Random seed")] = 5,
+) -> None:
+    """Generate a sample table of another shape, for configs/survey|segments|houses.yaml."""
+    from jobs.errors import SourceError
+    from jobs.sample_tables import generate_table
+
+    if kind not in ("survey", "segments", "houses"):
+        raise SourceError(f"unknown sample table {kind!r}: survey, segments or houses")
+    made = generate_table(kind, out, rows=rows, seed=seed)
+    typer.echo(f"wrote {made['rows']:,} rows to {made['file']}")
+
+
 def main() -> None:
     """The `rayline` console script: bad input exits 2 with one line, never a traceback."""
     run_cli(app)

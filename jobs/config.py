@@ -254,7 +254,9 @@ class ThresholdConfig(Strict):
 
 class PromotionConfig(Strict):
     metric: str | None = Field(None, description="default: pr_auc, log_loss or rmse by task")
-    min_improvement: float = Field(0.0, ge=0, description="in the metric's better direction")
+    min_improvement: float = Field(
+        0.0, description="in the metric's better direction; negative accepts a slightly worse model"
+    )
 
 
 class EvaluateConfig(Strict):

@@ -96,9 +96,9 @@ def cross_validate(
 ) -> CVResult:
     """Runs stratified k-fold CV on the run's train + valid splits."""
     storage = storage or Storage(config.s3)
-    init_ray(config)
     started = time.perf_counter()
     spec = storage.read_json(join(run_uri, "features", "feature_spec.json"))
+    init_ray(config)
     names, label = spec["feature_names"], config.features.label
     parts = [read_split(storage, run_uri, split, label, names) for split in ("train", "valid")]
     x = np.concatenate([p[0] for p in parts])

@@ -25,6 +25,17 @@ def bad_input(error: BaseException) -> RaylineError | None:
     return None
 
 
+def one_line(message: str) -> str:
+    """A multi-line message (a config with several bad keys, a YAML error with its marks) as
+    one line: a heading that ends in ':' keeps its colon, the items are joined with '; '."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    if len(lines) < 2:
+        return lines[0] if lines else ""
+    if lines[0].endswith(":"):
+        return f"{lines[0]} {'; '.join(lines[1:])}"
+    return "; ".join(lines)
+
+
 def run_cli(command) -> None:
     """Runs a typer command or app; bad input exits 2 with one line naming what is wrong."""
     try:
@@ -36,6 +47,5 @@ def run_cli(command) -> None:
         found = bad_input(error)
         if found is None:
             raise
-        message = str(found).strip() or type(found).__name__
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {one_line(str(found)) or type(found).__name__}", file=sys.stderr)
         sys.exit(2)

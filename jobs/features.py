@@ -21,6 +21,7 @@ import typer
 from jobs.blocks import write_parquet_blocks
 from jobs.config import Config, load_config
 from jobs.entrypoint import run_cli
+from jobs.errors import SourceError
 from jobs.featurespec import (
     ROW_KEY,
     SPLIT,
@@ -285,12 +286,12 @@ def build_features(
     process (the pipeline); reading them back from storage cost ~4 s for 2M rows.
     """
     storage = storage or Storage(config.s3)
-    init_ray(config)
     features = config.features
     source_uri = join(run_uri, "ingest", config.fact)
     rows = storage.read_json(join(run_uri, "ingest", "_report.json"))[config.fact]["rows_out"]
     if rows == 0:
-        raise ValueError(f"no clean rows in {source_uri}")
+        raise SourceError(f"no clean rows in {source_uri}: see the quarantine next to it")
+    init_ray(config)
     seconds: dict[str, float] = {}
     clock = Stopwatch(seconds)
     if not blocks:

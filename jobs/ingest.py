@@ -325,9 +325,9 @@ def ingest(
     """Runs ingest for every source; returns where the clean fact table and reports went."""
     storage = storage or Storage(config.s3)
     run_uri = run_uri or join(config.storage, "runs", new_run_id())
-    init_ray(config)
     key = pii_key(config)
     probed = {name: probe(storage, name, source) for name, source in config.sources.items()}
+    init_ray(config)  # after the probe: a missing or unmappable source fails in a second
     order = [name for name in config.sources if name != config.fact] + [config.fact]
     reports: dict[str, SourceReport] = {}
     tables: dict[str, pa.Table] = {}

@@ -112,11 +112,14 @@ def predict(
 ) -> PredictResult:
     """Scores every file under `input_uri` (the fact source's format and column names)."""
     storage = storage or Storage(config.s3)
-    init_ray(config)
     registry_uri = join(config.storage, "registry")
+    # Resolve and verify the bundle here, once: a missing version or a tampered file is one
+    # clear error before any Ray work, and every actor scores with the same version.
+    version = load_bundle(storage, registry_uri, config.name, ref).version
     source = config.sources[config.fact]
     fs, path = storage.filesystem(input_uri)
     files = [uri.removeprefix("s3://") for uri in storage.list_files(input_uri)]
+    init_ray(config)
     reader = {
         "parquet": ray.data.read_parquet,
         "csv": ray.data.read_csv,
@@ -132,11 +135,11 @@ def predict(
             "storage": storage,
             "registry_uri": registry_uri,
             "name": config.name,
-            "ref": ref,
+            "ref": version,
         },
         batch_format="pyarrow",
         batch_size=None,
-        concurrency=actors,
+        compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=1,
     ).materialize()
     # Predicate expressions: Ray 2.60's string expressions reject `is null` ("Unsupported

@@ -55,7 +55,6 @@ def train_model(
     overwrites a model that a registered bundle's lineage points at. `train/_result.json`
     names the latest one."""
     storage = storage or Storage(config.s3)
-    init_ray(config)
     started = time.perf_counter()
     train_cfg = config.train
     if params_override:
@@ -66,6 +65,7 @@ def train_model(
     rows = report["rows"]["train"]
     if rows == 0:
         raise TrainingError(f"empty training split at {join(features_uri, 'train')}")
+    init_ray(config)  # after the inputs are known to be there: a bad run fails in a second
     nodes = [n for n in ray.nodes() if n["Alive"]]
     cluster_cpus = sum(n["Resources"].get("CPU", 0) for n in nodes)
     plan, reason = choose_plan(train_cfg, rows, cluster_cpus, len(nodes))

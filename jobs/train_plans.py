@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
@@ -17,6 +20,7 @@ from jobs.boosting import (
     TrainResult,
     apply_imbalance,
     checkpoint_uri,
+    features_digest,
     fit_booster,
     load_booster,
     load_splits,
@@ -27,9 +31,78 @@ from jobs.boosting import (
 )
 from jobs.config import Config, TrainConfig
 from jobs.errors import TrainingError
+from jobs.progress import ProgressBoard, bar, follow, quiet
 from jobs.storage import Storage, join
 
 STOPPER_FILE = "early_stopping.json"
+PROGRESS_EVERY_S = 1.0
+
+
+class ReportProgress(xgb.callback.TrainingCallback):
+    """Tells a `ProgressBoard` the boosting round and the latest validation metric, about once
+    a second and after the last round. `report.remote` does not wait for the actor, so a round
+    costs no more than a clock read."""
+
+    def __init__(self, board, every_s: float = PROGRESS_EVERY_S):
+        self.board, self.every_s = board, every_s
+        self.last, self.evals_log = 0.0, {}
+
+    def send(self, model) -> None:
+        valid = self.evals_log.get("valid", {})
+        status = ""
+        if valid:
+            metric = list(valid)[-1]  # the metric early stopping watches
+            status = f"valid {metric} {float(valid[metric][-1]):.4f}"
+        self.board.report.remote(model.num_boosted_rounds(), status)
+        self.last = time.monotonic()
+
+    def after_iteration(self, model, epoch, evals_log) -> bool:
+        self.evals_log = evals_log
+        if time.monotonic() - self.last >= self.every_s:
+            self.send(model)
+        return False
+
+    def after_training(self, model):
+        self.send(model)
+        return model
+
+
+def progress_board(status: str = "starting"):
+    """A board for the training progress bar, or None when progress is off."""
+    if quiet():
+        return None
+    board = ProgressBoard.remote()
+    board.report.remote(0, status)
+    return board
+
+
+@contextmanager
+def following(board, description: str, total: float) -> Iterator[None]:
+    """Shows what `board` reports while the body runs (Ray Train's `fit()` blocks the driver,
+    so a thread polls the board)."""
+    if board is None:
+        yield
+        return
+    done = threading.Event()
+
+    def poll() -> None:
+        with bar(description, total=total) as update:
+            finished = False
+            while not finished:
+                finished = done.wait(0.5)
+                try:
+                    completed, status = ray.get(board.read.remote(), timeout=10)
+                except Exception:  # noqa: BLE001 - the bar is a courtesy; training decides
+                    return
+                update(completed=completed, status=status)
+
+    thread = threading.Thread(target=poll, name="rayline-train-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join(timeout=15)
 
 
 class StorageCheckpoint(xgb.callback.TrainingCallback):
@@ -86,6 +159,7 @@ def _train_task(
     storage: Storage,
     imbalance: dict,
     nthread: int,
+    board=None,
 ) -> dict:
     """The single plan: read the splits with pyarrow, train with every CPU of this task."""
     splits = load_splits(storage, run_uri, config)
@@ -96,12 +170,14 @@ def _train_task(
     params = xgb_params(train, config.seed, nthread, imbalance)
     dtrain = xgb.QuantileDMatrix(x_train, y_train, weight=weights, feature_names=names)
     dvalid = xgb.QuantileDMatrix(splits.x_valid, splits.y_valid, ref=dtrain, feature_names=names)
-    checkpoints = checkpoint_uri(run_uri, train, config.seed)
+    checkpoints = checkpoint_uri(run_uri, train, config.seed, features_digest(storage, run_uri))
     start, state = latest_checkpoint(storage, checkpoints)
     resumed = start.num_boosted_rounds() if start is not None else 0
     stopper = ResumableEarlyStopping(train.early_stopping_rounds, state=state)
-    callback = StorageCheckpoint(storage, checkpoints, train.checkpoint_every, stopper)
-    booster, history = fit_booster(dtrain, dvalid, params, train, [callback], start, stopper)
+    callbacks = [StorageCheckpoint(storage, checkpoints, train.checkpoint_every, stopper)]
+    if board is not None:
+        callbacks.append(ReportProgress(board))
+    booster, history = fit_booster(dtrain, dvalid, params, train, callbacks, start, stopper)
     model, summary = _finish(booster, stopper, resumed, len(y_train))
     save_booster(storage, model, join(run_uri, "train", MODEL_FILE))
     return {**summary, "params": params, "history": history, "checkpoint_uri": checkpoints}
@@ -117,7 +193,15 @@ def run_single(
     task = _train_task.options(
         num_cpus=cpus, max_retries=train.max_failures, num_gpus=train.gpus_per_worker or None
     )
-    out = ray.get(task.remote(config, train, run_uri, storage, imbalance, cpus))
+    board = progress_board()
+    ref = task.remote(config, train, run_uri, storage, imbalance, cpus, board)
+    if board is None:
+        out = ray.get(ref)
+    else:
+        try:
+            out = follow(ref, board, "train (one task)", total=train.num_boost_round)
+        finally:
+            ray.kill(board)
     return TrainResult(
         model_uri=join(run_uri, "train", MODEL_FILE),
         plan="single",
@@ -197,6 +281,8 @@ def _worker_loop(loop_config: dict) -> None:
         resumed = start.num_boosted_rounds()
     stopper = ResumableEarlyStopping(train.early_stopping_rounds, state=state)
     callbacks = [ReportEvery(train.checkpoint_every, stopper)]
+    if rank == 0 and loop_config.get("board") is not None:
+        callbacks.append(ReportProgress(loop_config["board"]))
     booster, history = fit_booster(
         dtrain, dvalid, loop_config["params"], train, callbacks, start, stopper
     )
@@ -219,6 +305,7 @@ def run_distributed(
         datasets[split] = ray.data.read_parquet(path, filesystem=fs).materialize()
     storage_uri = join(run_uri, "train", "ray_train")
     fs, path = storage.filesystem(storage_uri)
+    board = progress_board("starting the worker group")
     trainer = XGBoostTrainer(
         _worker_loop,
         train_loop_config={
@@ -228,6 +315,7 @@ def run_distributed(
             "imbalance": imbalance,
             "seed": config.seed,
             "params": xgb_params(train, config.seed, int(train.cpus_per_worker), imbalance),
+            "board": board,
         },
         scaling_config=ScalingConfig(
             num_workers=train.num_workers,
@@ -238,7 +326,7 @@ def run_distributed(
             },
         ),
         run_config=RunConfig(
-            name=f"xgboost-{training_key(train, config.seed)}",
+            name=f"xgboost-{training_key(train, config.seed, features_digest(storage, run_uri))}",
             storage_path=path,
             storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=train.max_failures),
@@ -248,7 +336,14 @@ def run_distributed(
         datasets=datasets,
     )
     started = time.perf_counter()
-    result = trainer.fit()
+    workers = f"{train.num_workers} worker{'s' if train.num_workers != 1 else ''}"
+    description = f"train (Ray Train, {workers})"
+    try:
+        with following(board, description, total=train.num_boost_round):
+            result = trainer.fit()
+    finally:
+        if board is not None:
+            ray.kill(board)
     metrics = result.metrics
     with result.checkpoint.as_directory() as folder:
         booster = xgb.Booster(model_file=str(Path(folder, MODEL_FILE)))

@@ -252,9 +252,9 @@ def tune_model(
     else:  # a new search starts from an empty folder, so we never sign what someone left there
         storage.delete(state_uri)
         storage.delete(signature_uri)
-    init_ray(config)
     started = time.perf_counter()
     splits = load_splits(storage, run_uri, config)
+    init_ray(config)
     x_valid, y_valid, imbalance = splits.x_valid, splits.y_valid, splits.imbalance
     # Trials optimise the same objective training will: weights or down-sampling included.
     x_train, y_train, weights = apply_imbalance(

@@ -231,6 +231,7 @@ def deploy(config: Config, loader: BundleLoader | None = None, wait_s: float = 1
     """Starts Serve on the configured host/port and deploys; returns the base URL."""
     from jobs.ray_runtime import init_ray
 
+    app = build_app(config, loader)  # resolves the alias first: a bad one fails before Ray
     init_ray(config)
     quiet = {"log_level": "WARNING"}  # request logs stay in Ray's log files, not the console
     serve.start(
@@ -242,7 +243,7 @@ def deploy(config: Config, loader: BundleLoader | None = None, wait_s: float = 1
         logging_config=quiet,
     )
     serve.run(
-        build_app(config, loader),
+        app,
         name="rayline",
         route_prefix="/",
         blocking=False,

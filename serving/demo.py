@@ -15,9 +15,13 @@ from ray import serve
 from jobs.config import load_config
 from jobs.data import generate
 from jobs.pipeline import run_pipeline
-from jobs.storage import Storage
+from jobs.ray_runtime import joins_cluster
+from jobs.storage import Storage, join
 from jobs.summary import console
 from serving.app import deploy
+
+DEFAULT_DATA = "data/fraud"  # where configs/fraud.yaml reads its sources
+GENERATED = ("transactions", "customers", "merchants")  # the sources `generate` writes
 
 SAMPLE = {
     "transaction_id": "demo-1",
@@ -32,17 +36,26 @@ SAMPLE = {
 
 def main(
     config: Annotated[str, typer.Option(help="Pipeline config YAML")] = "configs/fraud.yaml",
-    data: Annotated[str, typer.Option(help="Where the sample data lives")] = "data/fraud",
+    data: Annotated[str, typer.Option(help="Where the sample data lives")] = DEFAULT_DATA,
     rows: Annotated[
         int, typer.Option(help="Transactions to generate if data is missing")
     ] = 100_000,
     port: Annotated[int, typer.Option(help="HTTP port for Serve (0: the config's)")] = 0,
+    storage_uri: Annotated[
+        str, typer.Option("--storage", help="Override the config's storage URI")
+    ] = "",
 ) -> None:
     """Run the whole lifecycle locally and end with a real HTTP prediction."""
     import ray
 
-    overrides = {"serve.port": port} if port else {}
+    overrides: dict = {"serve.port": port} if port else {}
+    if storage_uri:
+        overrides["storage"] = storage_uri
     loaded = load_config(config, overrides)
+    if data != DEFAULT_DATA:  # the sample sources live under --data, not the config's URIs
+        present = [name for name in GENERATED if name in loaded.sources]
+        sources = {f"sources.{name}.uri": join(data, name) for name in present}
+        loaded = load_config(config, {**overrides, **sources})
     storage = Storage(loaded.s3)
     if not storage.exists(f"{data}/transactions"):
         console.rule("generate sample data")
@@ -63,7 +76,11 @@ def main(
         console.print_json(json.dumps(response.json()))
         response.raise_for_status()
     finally:
-        serve.shutdown()
+        if joins_cluster():
+            serve.shutdown()  # a cluster outlives this driver: take the demo app off it
+        # An embedded Ray goes down whole with ray.shutdown(). serve.shutdown() first would only
+        # add a raylet warning: the controller kills itself while its graceful_shutdown call is
+        # still pending, and Ray reports that call as failed.
         ray.shutdown()
     console.rule("done: data, runs and the registry are under " + loaded.storage)
 
