@@ -1,7 +1,10 @@
 """Predict: score raw records with a registered bundle, online or in batch.
 
 `score_records` is the one scoring path: the HTTP endpoint calls it for a request, and batch
-inference calls it for each Ray Data batch inside an actor that loads the bundle once.
+inference calls it for each Ray Data batch inside an actor that loads the bundle once. Batch
+input is read by the same readers as ingest (`jobs.sources`), one Ray task per file: a line that
+does not parse or decode, or a row that fails the fact source's rules, is written to
+`quarantine/` with its reason, and an unreadable file is named in the result; nothing is lost.
 """
 
 from __future__ import annotations
@@ -16,13 +19,18 @@ import ray
 import typer
 from ray.data.expressions import col
 
+from jobs import validate
 from jobs.config import Config, load_config
 from jobs.entrypoint import run_cli
-from jobs.featurespec import enrich, feature_matrix, transform
+from jobs.errors import SourceError
+from jobs.featurespec import enrich, feature_matrix, online_source, transform
+from jobs.pii import pii_key
 from jobs.ray_runtime import init_ray
 from jobs.registry import Bundle, load_bundle
 from jobs.scoring import model_scores
+from jobs.sources import read_file
 from jobs.storage import Storage, join
+from jobs.validate import REASON, RECORD
 
 
 @dataclass
@@ -34,6 +42,7 @@ class PredictResult:
     rows_quarantined: int
     model: str
     version: int
+    bad_files: dict[str, str]
 
 
 def score_records(
@@ -79,11 +88,13 @@ class BundleScorer:
         self.key = self.bundle.spec.source.primary_key
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        scores, reasons = score_records(
-            self.bundle,
-            batch.drop_columns([c for c in ("path",) if c in batch.column_names]),
-            raw_names=True,
-        )
+        read_reasons = batch.column(REASON) if REASON in batch.column_names else None
+        batch = batch.drop_columns([c for c in (REASON, RECORD) if c in batch.column_names])
+        scores, reasons = score_records(self.bundle, batch, raw_names=True)
+        if read_reasons is not None:  # a line that did not parse: its reason comes first
+            reasons = pc.coalesce(read_reasons, reasons)
+            unread = pc.is_valid(read_reasons).to_numpy(zero_copy_only=False)
+            scores = np.where(unread.reshape(-1, *([1] * (scores.ndim - 1))), np.nan, scores)
         if self.key:  # the record's own id; without one, every input column is kept
             raw_key = next(
                 (r for r, s in self.bundle.spec.source.rename.items() if s == self.key), self.key
@@ -102,6 +113,17 @@ class BundleScorer:
         )
 
 
+@ray.remote(num_returns=2)
+def _read_input(storage: Storage, uri: str, source, key: bytes) -> tuple[pa.Table, str | None]:
+    """One input file with ingest's readers: the block and None, or an empty block and why."""
+    try:
+        table, _ = read_file(storage, uri, source, key)
+        validate.check_schema(table.column_names, source, "input", uri)
+        return table, None
+    except (OSError, ValueError, pa.ArrowException) as error:
+        return pa.table({}), f"cannot read {uri}: {str(error).splitlines()[0][:300]}"
+
+
 def predict(
     config: Config,
     input_uri: str,
@@ -117,18 +139,20 @@ def predict(
     # clear error before any Ray work, and every actor scores with the same version.
     version = load_bundle(storage, registry_uri, config.name, ref).version
     source = config.sources[config.fact]
-    fs, path = storage.filesystem(input_uri)
-    files = [uri.removeprefix("s3://") for uri in storage.list_files(input_uri)]
+    source = online_source(source, config.features.label, raw_names=True)
+    files = storage.list_files(input_uri)
+    if not files:
+        raise SourceError(f"no files under {input_uri}")
+    key = pii_key(config)
     init_ray(config)
-    reader = {
-        "parquet": ray.data.read_parquet,
-        "csv": ray.data.read_csv,
-        "jsonl": ray.data.read_json,
-    }
-    # Read before the scoring actors take their CPUs: Ray Data lists files in a 1-CPU task, and
-    # with the actors started first that task never runs when something else (Serve replicas, a
-    # training job) holds the remaining CPUs; the job then hangs without an error.
-    dataset = reader[source.format](files, filesystem=fs).materialize()
+    # Read before the scoring actors take their CPUs (a read task must never wait behind them).
+    outputs = [_read_input.remote(storage, uri, source, key) for uri in files]
+    statuses = ray.get([output[1] for output in outputs])
+    bad_files = {uri: error for uri, error in zip(files, statuses, strict=True) if error}
+    blocks = [output[0] for output, error in zip(outputs, statuses, strict=True) if not error]
+    if not blocks:
+        raise SourceError(f"none of the {len(files)} files under {input_uri} can be read")
+    dataset = ray.data.from_arrow_refs(blocks)
     scored = dataset.map_batches(
         BundleScorer,
         fn_constructor_kwargs={
@@ -162,7 +186,8 @@ def predict(
         rows_in - rows_bad,
         rows_bad,
         config.name,
-        int(first[0]["version"]) if first else -1,
+        int(first[0]["version"]) if first else version,
+        bad_files,
     )
 
 

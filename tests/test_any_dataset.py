@@ -162,3 +162,24 @@ def test_batch_predict_writes_task_shaped_output(shaped_run, tmp_path):
     }[kind]
     assert expected <= set(table.column_names)
     assert table.num_rows == result.rows_scored
+
+
+def test_batch_predict_reads_csv_like_ingest_and_loses_nothing(shaped_run, tmp_path):
+    """Malformed and undecodable lines are quarantined with a reason, a file without the needed
+    columns is named, and every other line is scored (counted with plain bytes)."""
+    kind, config, _, base, _ = shaped_run
+    if kind != "survey":
+        pytest.skip("the CSV-shaped dataset covers text input")
+    lines = (base / "data" / "responses.csv").read_bytes().split(b"\n")[:11]
+    broken = [*lines, b'41,"52000.5,north,3.0,yes', b"33,4\xff1000,south,2.0,no", b""]
+    folder = tmp_path / "input"
+    folder.mkdir()
+    (folder / "a.csv").write_bytes(b"\n".join(broken))
+    (folder / "b.csv").write_bytes(b"x,y\n1,2\n")
+    result = predict(config, str(folder), str(tmp_path / "out"))
+    data_lines = sum(1 for line in broken[1:] if line.strip())
+    assert result.rows_in == data_lines == 12
+    assert result.rows_quarantined == 2 and result.rows_scored == 10
+    assert list(result.bad_files) == [str(folder / "b.csv")]
+    quarantined = pq.read_table(result.quarantine_uri).column("reason").to_pylist()
+    assert any("quoting" in r for r in quarantined) and any("utf-8" in r for r in quarantined)
