@@ -135,14 +135,14 @@ def predict(
     """Scores every file under `input_uri` (the fact source's format and column names)."""
     storage = storage or Storage(config.s3)
     registry_uri = join(config.storage, "registry")
-    # Resolve and verify the bundle here, once: a missing version or a tampered file is one
-    # clear error before any Ray work, and every actor scores with the same version.
-    version = load_bundle(storage, registry_uri, config.name, ref).version
     source = config.sources[config.fact]
     source = online_source(source, config.features.label, raw_names=True)
     files = storage.list_files(input_uri)
     if not files:
         raise SourceError(f"no files under {input_uri}")
+    # Resolve and verify the bundle here, once: a missing version or a tampered file is one
+    # clear error before any Ray work, and every actor scores with the same version.
+    version = load_bundle(storage, registry_uri, config.name, ref).version
     key = pii_key(config)
     init_ray(config)
     # Read before the scoring actors take their CPUs (a read task must never wait behind them).
