@@ -17,40 +17,11 @@ import pyarrow as pa
 import xgboost as xgb
 
 from jobs.config import Config, TrainConfig
+from jobs.config_checks import KNOWN_PARAMS
 from jobs.errors import TrainingError
 from jobs.featurespec import feature_matrix
 from jobs.storage import Storage, join
 
-KNOWN_PARAMS = {
-    "eta",
-    "learning_rate",
-    "max_depth",
-    "min_child_weight",
-    "subsample",
-    "colsample_bytree",
-    "colsample_bylevel",
-    "colsample_bynode",
-    "gamma",
-    "min_split_loss",
-    "lambda",
-    "reg_lambda",
-    "alpha",
-    "reg_alpha",
-    "max_delta_step",
-    "max_bin",
-    "max_leaves",
-    "grow_policy",
-    "tree_method",
-    "scale_pos_weight",
-    "sampling_method",
-    "num_parallel_tree",
-    "base_score",
-    "max_cat_to_onehot",
-    "monotone_constraints",
-    "interaction_constraints",
-    "seed",
-    "nthread",
-}
 MODEL_FILE = "model.ubj"
 
 

@@ -18,6 +18,7 @@ from jobs.config_checks import (
     LOWER_IS_BETTER,
     TASK_METRICS,
     check_features,
+    check_search,
     check_sources,
     check_task,
 )
@@ -270,11 +271,11 @@ class EvaluateConfig(Strict):
 
 class ServeConfig(Strict):
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: int = Field(8000, ge=0, le=65535)
     model: str = Field("", description="registered model name; defaults to the config's name")
     alias: str = "production"
     max_batch_size: int = Field(
-        64, ge=1, description="records per model call (a larger single request goes alone)"
+        64, ge=1, description="records per model call (a larger request is split into several)"
     )
     batch_wait_timeout_s: float = 0.005
     max_records_per_request: int = 1000
@@ -327,6 +328,7 @@ class Config(Strict):
         check_sources(self)
         check_features(self)
         check_task(self)
+        check_search(self)
         add_label_rules(self)
         return self
 

@@ -15,6 +15,57 @@ HISTORY_FEATURES = [
     "hist_seconds_since_prev",
 ]
 NEEDS_TIMESTAMP = {"years_since_year", "days_since"}
+KNOWN_PARAMS = {
+    "eta",
+    "learning_rate",
+    "max_depth",
+    "min_child_weight",
+    "subsample",
+    "colsample_bytree",
+    "colsample_bylevel",
+    "colsample_bynode",
+    "gamma",
+    "min_split_loss",
+    "lambda",
+    "reg_lambda",
+    "alpha",
+    "reg_alpha",
+    "max_delta_step",
+    "max_bin",
+    "max_leaves",
+    "grow_policy",
+    "tree_method",
+    "scale_pos_weight",
+    "sampling_method",
+    "num_parallel_tree",
+    "base_score",
+    "max_cat_to_onehot",
+    "monotone_constraints",
+    "interaction_constraints",
+    "seed",
+    "nthread",
+}
+NON_NEGATIVE = {
+    "eta",
+    "learning_rate",
+    "max_depth",
+    "min_child_weight",
+    "gamma",
+    "min_split_loss",
+    "lambda",
+    "reg_lambda",
+    "alpha",
+    "reg_alpha",
+    "max_delta_step",
+    "subsample",
+    "colsample_bytree",
+    "colsample_bylevel",
+    "colsample_bynode",
+    "max_bin",
+    "max_leaves",
+    "scale_pos_weight",
+    "num_parallel_tree",
+}
 TASK_METRICS = {
     "binary": ("pr_auc", "roc_auc", "f1", "log_loss", "brier"),
     "multiclass": ("log_loss", "macro_f1", "accuracy", "macro_pr_auc"),
@@ -75,6 +126,26 @@ def check_sources(config) -> None:
     for index, join in enumerate(config.joins):
         require(f"joins[{index}].key", join.key, config.fact)
         require(f"joins[{index}].key", join.key, join.source)
+        for side in (config.fact, join.source):
+            if join.key in config.sources[side].pii:
+                _fail(
+                    f"joins[{index}].key",
+                    f"{join.key!r} is PII in source {side!r}: a join "
+                    "key is stored in the bundle's lookup tables, so it cannot be PII",
+                )
+    for name, source in config.sources.items():
+        for index, rule in enumerate(source.rules):
+            if rule.check != "references":
+                continue
+            target = config.sources[rule.source]
+            hashed = (rule.column in source.pii, target.primary_key in target.pii)
+            if hashed[0] != hashed[1]:
+                _fail(
+                    f"sources.{name}.rules[{index}]",
+                    f"{rule.column!r} and "
+                    f"{rule.source}.{target.primary_key} must both be PII or neither: a hashed "
+                    "key never matches a clear one",
+                )
 
 
 def check_features(config) -> None:
@@ -108,6 +179,13 @@ def check_features(config) -> None:
         if needed and features.timestamp is None:
             _fail(path, "needs features.timestamp, the event-time column (none is set)")
     if features.history:
+        for key in ("entity", "amount"):
+            if getattr(features.history, key) in pii_columns(config):
+                _fail(
+                    f"features.history.{key}",
+                    "a PII column cannot feed history features "
+                    "(their state is stored in the bundle)",
+                )
         if features.history.entity not in fact.columns():
             _fail(
                 "features.history.entity",
@@ -125,6 +203,11 @@ def check_features(config) -> None:
                 f"{derived.kind} takes {expected} column(s), got {len(derived.columns)}",
             )
         for index, column in enumerate(derived.columns):
+            if column in pii_columns(config):
+                _fail(
+                    f"features.derived.{name}.columns[{index}]",
+                    f"{column!r} is a PII column and can never feed a feature",
+                )
             if column not in available:
                 _fail(
                     f"features.derived.{name}.columns[{index}]",
@@ -209,3 +292,34 @@ def check_task(config) -> None:
     }[task]
     if tune_metric is not None and tune_metric not in allowed:
         _fail("tune.metric", f"{tune_metric!r} is not a {task} metric {sorted(allowed)}")
+
+
+def check_search(config) -> None:
+    """XGBoost parameter names and Tune's distributions, so a typo fails before ingest."""
+    unknown = sorted(set(config.train.params) - KNOWN_PARAMS)
+    if unknown:
+        _fail(
+            "train.params", f"unknown XGBoost parameter(s) {unknown}; known: {sorted(KNOWN_PARAMS)}"
+        )
+    for name, value in config.train.params.items():
+        if name in NON_NEGATIVE and (isinstance(value, str) or value < 0):
+            _fail(f"train.params.{name}", f"must be a number >= 0, got {value!r}")
+    unknown = sorted(set(config.tune.space) - KNOWN_PARAMS)
+    if unknown:
+        _fail("tune.space", f"unknown XGBoost parameter(s) {unknown}")
+    for name, spec in config.tune.space.items():
+        path = f"tune.space.{name}"
+        if len(spec) != 1:
+            _fail(path, f"give exactly one distribution, got {list(spec)}")
+        ((kind, args),) = spec.items()
+        if kind == "choice":
+            if not args:
+                _fail(f"{path}.choice", "needs at least one value")
+            continue
+        if len(args) != 2 or any(isinstance(a, str) for a in args):
+            _fail(f"{path}.{kind}", f"needs two numbers [low, high], got {args}")
+        low, high = args
+        if not low < high if kind != "randint" else not low <= high:
+            _fail(f"{path}.{kind}", f"low must be below high, got {args}")
+        if kind == "loguniform" and low <= 0:
+            _fail(f"{path}.{kind}", f"bounds must be > 0, got {args}")

@@ -21,6 +21,7 @@ from sklearn.model_selection import KFold, StratifiedKFold, train_test_split
 from jobs.boosting import apply_imbalance, read_split, task_imbalance, xgb_params
 from jobs.config import Config, load_config
 from jobs.entrypoint import run_cli
+from jobs.errors import TrainingError
 from jobs.evaluate import choose_threshold
 from jobs.metrics import HEADLINE, task_metrics
 from jobs.ray_runtime import init_ray
@@ -95,6 +96,8 @@ def cross_validate(
     cpus_per_fold: int = 1,
 ) -> CVResult:
     """Runs stratified k-fold CV on the run's train + valid splits."""
+    if folds < 2:
+        raise TrainingError(f"--folds must be at least 2, got {folds}")
     storage = storage or Storage(config.s3)
     started = time.perf_counter()
     spec = storage.read_json(join(run_uri, "features", "feature_spec.json"))

@@ -25,7 +25,8 @@ def beats(metric: str, new: float | None, old: float | None, margin: float) -> b
         return False
     if old is None or not np.isfinite(old):
         return True
-    return new <= old - margin if metric in LOWER_IS_BETTER else new >= old + margin
+    improvement = old - new if metric in LOWER_IS_BETTER else new - old
+    return improvement > margin  # a tie is not a win
 
 
 def binary_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict:

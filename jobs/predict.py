@@ -9,6 +9,7 @@ does not parse or decode, or a row that fails the fact source's rules, is writte
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -18,6 +19,7 @@ import pyarrow.compute as pc
 import ray
 import typer
 from ray.data.expressions import col
+from ray.util.annotations import RayDeprecationWarning
 
 from jobs import validate
 from jobs.config import Config, load_config
@@ -151,32 +153,38 @@ def predict(
     bad_files = {uri: error for uri, error in zip(files, statuses, strict=True) if error}
     blocks = [output[0] for output, error in zip(outputs, statuses, strict=True) if not error]
     if not blocks:
-        raise SourceError(f"none of the {len(files)} files under {input_uri} can be read")
+        first = next(iter(bad_files.values()))
+        raise SourceError(
+            f"none of the {len(files)} files under {input_uri} can be read; first: {first}"
+        )
     dataset = ray.data.from_arrow_refs(blocks)
-    scored = dataset.map_batches(
-        BundleScorer,
-        fn_constructor_kwargs={
-            "storage": storage,
-            "registry_uri": registry_uri,
-            "name": config.name,
-            "ref": version,
-        },
-        batch_format="pyarrow",
-        batch_size=None,
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        num_cpus=1,
-    ).materialize()
+    # max_restarts=0: a failing scorer is an error to report, not an actor to restart (Ray
+    # also logs an error on the console for restartable actors with object-store arguments).
+    # Ray 2.60 takes it only as a remote arg, which it flags as deprecated from 2.64 on.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RayDeprecationWarning)
+        scored = dataset.map_batches(
+            BundleScorer,
+            fn_constructor_kwargs={
+                "storage": storage,
+                "registry_uri": registry_uri,
+                "name": config.name,
+                "ref": version,
+            },
+            batch_format="pyarrow",
+            batch_size=None,
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            num_cpus=1,
+            max_restarts=0,
+        ).materialize()
     # Predicate expressions: Ray 2.60's string expressions reject `is null` ("Unsupported
     # comparison operator: Is"), so the string form never ran.
     valid = scored.filter(expr=col("reason").is_null()).drop_columns(["reason"])
     invalid = scored.filter(expr=col("reason").is_not_null())
     out_fs, out_path = storage.filesystem(output_uri)
-    valid.write_parquet(
-        join(out_path, "predictions"), filesystem=out_fs, mode=ray.data.SaveMode.OVERWRITE
-    )
-    invalid.write_parquet(
-        join(out_path, "quarantine"), filesystem=out_fs, mode=ray.data.SaveMode.OVERWRITE
-    )
+    for name, part in (("predictions", valid), ("quarantine", invalid)):
+        storage.delete(join(output_uri, name))  # a re-run replaces its output
+        part.write_parquet(join(out_path, name), filesystem=out_fs, mode=ray.data.SaveMode.APPEND)
     rows_in, rows_bad = scored.count(), invalid.count()
     first = scored.take(1)
     return PredictResult(

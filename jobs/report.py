@@ -57,6 +57,10 @@ def _binary_plots(labels, scores, metrics) -> list[tuple[str, str]]:
 
 
 def _regression_plots(targets, predictions) -> list[tuple[str, str]]:
+    """Predicted vs actual and residuals; skipped (not fatal) when values overflow a plot."""
+    residuals = np.asarray(predictions, np.float64) - np.asarray(targets, np.float64)
+    if not (np.isfinite(residuals).all() and np.ptp(residuals) < 1e300):
+        return []
     figure, axis = _figure("Predicted vs actual")
     axis.scatter(targets, predictions, s=4, alpha=0.4)
     low, high = float(np.min(targets)), float(np.max(targets))
@@ -65,7 +69,7 @@ def _regression_plots(targets, predictions) -> list[tuple[str, str]]:
     axis.set_ylabel("predicted")
     first = ("Predicted vs actual", _png(figure))
     figure, axis = _figure("Residuals")
-    axis.hist(predictions - targets, bins=40)
+    axis.hist(residuals, bins="auto" if np.ptp(residuals) > 0 else 1)
     return [first, ("Residuals", _png(figure))]
 
 

@@ -32,8 +32,10 @@ def probe(storage: Storage, name: str, source: SourceConfig) -> tuple[list[str],
     """Lists a source's files, finds unreadable ones, and checks the schema can be mapped."""
     try:
         files = storage.list_files(source.uri)
-    except StorageError:
-        raise SourceError(f"source {name!r}: no such URI {source.uri}") from None
+    except StorageError as error:
+        missing = str(error).startswith("not found")
+        reason = f"no such URI {source.uri}" if missing else str(error)
+        raise SourceError(f"source {name!r}: {reason}") from None
     if not files:
         raise SourceError(f"source {name!r}: no files under {source.uri}")
     good, bad = [], {}
@@ -46,6 +48,9 @@ def probe(storage: Storage, name: str, source: SourceConfig) -> tuple[list[str],
                 names = text_columns(head_lines(storage, uri, source.encoding), source.format)
         except READ_ERRORS as error:
             bad[uri] = f"unreadable {source.format} file: {str(error).splitlines()[0][:200]}"
+            continue
+        if not names:  # an empty text file has no header to map: set it aside, go on
+            bad[uri] = f"empty {source.format} file: no header"
             continue
         validate.check_schema(names, source, name, uri)
         good.append(uri)

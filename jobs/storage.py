@@ -86,14 +86,22 @@ class Storage:
             return pafs.S3FileSystem(**kwargs), uri.removeprefix("s3://")
         return pafs.LocalFileSystem(), os.path.abspath(uri)
 
-    def exists(self, uri: str) -> bool:
+    def _info(self, uri: str, selector=None):
+        """File info, or a StorageError naming the URI (no bucket, no network, no access)."""
         fs, path = self.filesystem(uri)
-        return fs.get_file_info(path).type != pafs.FileType.NotFound
+        try:
+            return fs.get_file_info(selector if selector is not None else path)
+        except OSError as error:
+            first = str(error).splitlines()[0][:200]
+            raise StorageError(f"cannot reach {uri}: {first}") from None
+
+    def exists(self, uri: str) -> bool:
+        return self._info(uri).type != pafs.FileType.NotFound
 
     def list_files(self, uri: str) -> list[str]:
         """Files under a URI (or the URI itself if a file), sorted, hidden ones skipped."""
         fs, path = self.filesystem(uri)
-        info = fs.get_file_info(path)
+        info = self._info(uri)
         if info.type == pafs.FileType.NotFound:
             raise StorageError(f"not found: {uri}")
         if info.type == pafs.FileType.File:
@@ -102,7 +110,7 @@ class Storage:
         prefix = "s3://" if is_s3(uri) else ""
         files = [
             prefix + item.path
-            for item in fs.get_file_info(selector)
+            for item in self._info(uri, selector)
             if item.type == pafs.FileType.File
             and not any(part.startswith((".", "_")) for part in item.path[len(path) :].split("/"))
         ]
@@ -114,7 +122,7 @@ class Storage:
         selector = pafs.FileSelector(path, recursive=False, allow_not_found=True)
         return sorted(
             item.base_name
-            for item in fs.get_file_info(selector)
+            for item in self._info(uri, selector)
             if item.type == pafs.FileType.Directory
         )
 

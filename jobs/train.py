@@ -14,6 +14,7 @@ from typing import Annotated
 
 import ray
 import typer
+import xgboost as xgb
 
 from jobs.boosting import (
     MODEL_FILE,
@@ -44,6 +45,21 @@ def choose_plan(train: TrainConfig, rows: int, cluster_cpus: float, nodes: int) 
     return "distributed", f"{rows:,} rows > {train.single_plan_max_rows:,} on {nodes} nodes"
 
 
+def _xgboost_refusal(error: BaseException) -> str | None:
+    """The first line of an XGBoostError behind `error` (also from inside a Ray task)."""
+    for _ in range(5):
+        if isinstance(error, xgb.core.XGBoostError):
+            lines = [line for line in str(error).splitlines() if line.strip()]
+            return next(
+                (line for line in lines if "Check failed" in line or "Invalid" in line),
+                lines[0] if lines else "XGBoostError",
+            )
+        error = getattr(error, "cause", None) or error.__cause__
+        if error is None:
+            return None
+    return None
+
+
 def train_model(
     config: Config,
     run_uri: str,
@@ -71,10 +87,24 @@ def train_model(
     plan, reason = choose_plan(train_cfg, rows, cluster_cpus, len(nodes))
     runner = run_single if plan == "single" else run_distributed
     spec = storage.read_json(join(features_uri, "feature_spec.json"))
+    if config.task == "multiclass":
+        counts = report["class_counts"]["train"]
+        absent = [n for i, n in enumerate(spec["classes"]) if not counts.get(str(i))]
+        if absent:
+            raise TrainingError(
+                f"class(es) {absent} have no rows in the training split "
+                f"({join(features_uri, 'train')}): the model could never predict them"
+            )
     imbalance = task_imbalance(
         config.task, report["class_counts"]["train"], train_cfg, len(spec.get("classes", []))
     )
-    result = runner(config, train_cfg, run_uri, storage, imbalance)
+    try:
+        result = runner(config, train_cfg, run_uri, storage, imbalance)
+    except Exception as error:  # noqa: BLE001 - only XGBoost's own refusals are re-worded
+        refusal = _xgboost_refusal(error)
+        if refusal is None:
+            raise
+        raise TrainingError(f"XGBoost refused train.params: {refusal}") from None
     result.plan, result.plan_reason = plan, reason
     key = training_key(train_cfg, config.seed, features_digest(storage, run_uri))
     result.training_id = f"{key}-{new_run_id()}"

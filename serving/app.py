@@ -17,7 +17,15 @@ import typer
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    create_model,
+)
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -30,12 +38,14 @@ from jobs.storage import Storage, join
 from jobs.validate import ARROW_TYPES
 
 PYTHON_TYPES = {
-    "string": str | int,  # ids often arrive as numbers; they are compared as strings
-    "int64": int,
+    # Strict: `true` is not an id or a number, and "5" is not an integer (422, naming the
+    # field). Ids often arrive as numbers; they are compared as strings.
+    "string": StrictStr | StrictInt,
+    "int64": Annotated[int, Field(strict=True, ge=-(2**63), le=2**63 - 1)],
     # NaN, ±Infinity and numbers too large for a double (which JSON parsing turns into
     # infinity) are 422, naming the field, never a score.
-    "float64": Annotated[float, Field(allow_inf_nan=False)],
-    "bool": bool,
+    "float64": Annotated[float, Field(allow_inf_nan=False, strict=True)],
+    "bool": StrictBool,
     "timestamp": datetime,
     "date": date,
 }
@@ -196,7 +206,25 @@ def build_app(config: Config, loader: BundleLoader | None = None):
 
         @api.post("/predict")
         async def predict(self, body: request_model) -> dict:  # type: ignore[valid-type]
-            result = await self.model.score.remote([r.model_dump() for r in body.records])
+            records = [r.model_dump() for r in body.records]
+            # @serve.batch refuses a single call larger than max_batch_size (Serve 2.60
+            # raises), so a large request goes as several calls and is put back together.
+            size = serve_cfg.max_batch_size
+            parts = await asyncio.gather(
+                *[
+                    self.model.score.remote(records[start : start + size])
+                    for start in range(0, len(records), size)
+                ]
+            )
+            result = {
+                **parts[0],
+                "errors": [
+                    {**error, "index": error["index"] + number * size}
+                    for number, part in enumerate(parts)
+                    for error in part["errors"]
+                ],
+                "predictions": [p for part in parts for p in part["predictions"]],
+            }
             if result["errors"]:
                 raise HTTPException(
                     status_code=422,

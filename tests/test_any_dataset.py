@@ -125,6 +125,23 @@ def test_served_over_http_with_the_same_scores_as_in_process(shaped_run):
         )
         assert refused.status_code == 422
         assert config.features.numeric[0] in refused.text
+        # More records than one model call takes (max_batch_size) are split, not a 500.
+        many = (records * (config.serve.max_batch_size // len(records) + 2))[:150]
+        large = requests.post(f"{url}/predict", json={"records": many}, timeout=60)
+        assert large.status_code == 200, large.text
+        assert len(large.json()["predictions"]) == len(many)
+        assert large.json()["predictions"][: len(records)] == response.json()["predictions"]
+        # No coercion: a boolean, a numeric string or an integer beyond int64 is 422 by name.
+        numeric = config.features.numeric[0]
+        int_field = next(
+            c
+            for c, k in config.sources[config.fact].types.items()
+            if k == "int64" and c != config.features.label
+        )
+        for field, value in ((numeric, True), (int_field, "5"), (int_field, 2**70)):
+            bad = dict(records[0], **{field: value})
+            answer = requests.post(f"{url}/predict", json={"records": [bad]}, timeout=60)
+            assert answer.status_code == 422 and field in answer.text, (field, answer.text)
     finally:
         serve.shutdown()
     predictions = body["predictions"]

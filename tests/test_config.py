@@ -152,6 +152,21 @@ def _load(overrides: dict, path: Path = CONFIG):
         ({"tune.metric": "mlogloss"}, "tune.metric"),
         ({"task": "multiclass"}, "features.label"),
         ({"features.label": {"column": "label", "positive": "1"}}, "features.label"),
+        (
+            {
+                "features.derived.em": {
+                    "kind": "not_equal",
+                    "columns": ["customer_email", "channel"],
+                }
+            },
+            "features.derived.em.columns[0]",
+        ),
+        ({"sources.customers.pii": {"email": "hash", "customer_id": "hash"}}, "joins[0].key"),
+        ({"train.params": {"max_dept": 3}}, "train.params"),
+        ({"train.params": {"eta": "fast"}}, "train.params.eta"),
+        ({"tune.space": {"eta": {"loguniform": [0.3, -1]}}}, "tune.space.eta.loguniform"),
+        ({"tune.space": {"eta": {"uniform": [0.3, 0.1]}}}, "tune.space.eta.uniform"),
+        ({"serve.port": 99999}, "serve.port"),
     ],
 )
 def test_every_column_and_metric_named_anywhere_is_checked_before_any_work(
@@ -186,3 +201,12 @@ def test_label_mappings_for_each_task():
         )
     with pytest.raises(ConfigError, match="multiclass needs"):
         load_config(ROOT / "configs" / "segments.yaml", {"features.label": "segment"})
+
+
+def test_a_tie_never_promotes_and_direction_follows_the_metric():
+    from jobs.metrics import beats
+
+    assert not beats("pr_auc", 0.5, 0.5, 0.0)
+    assert beats("pr_auc", 0.51, 0.5, 0.0) and not beats("pr_auc", 0.49, 0.5, 0.0)
+    assert beats("rmse", 9.0, 10.0, 0.5) and not beats("rmse", 9.8, 10.0, 0.5)
+    assert beats("log_loss", 0.3, 0.2, -0.2)  # a negative margin accepts a slightly worse model

@@ -519,3 +519,22 @@ def test_duplicate_join_keys_in_a_dimension_are_quarantined(ray_session, sample_
         clean.num_rows
     )
     assert_accounted(transactions, clean)
+
+
+def test_an_empty_text_file_is_set_aside_and_the_run_goes_on(ray_session, tmp_path):
+    config = items_config(tmp_path, UNBALANCED)
+    (tmp_path / "items" / "empty.csv").write_bytes(b"")
+    report = ingest(config).sources["items"]
+    assert list(report.bad_files) == [str(tmp_path / "items" / "empty.csv")]
+    assert "empty csv file" in report.bad_files[str(tmp_path / "items" / "empty.csv")]
+    assert report.rows_in == len(data_lines(UNBALANCED))
+    assert_accounted(report, read_dir(report.output_uri))
+
+
+def test_regression_report_survives_overflowing_values():
+    import numpy as np
+
+    from jobs.report import _regression_plots
+
+    assert _regression_plots(np.array([1.0, 2.0, 1e308]), np.array([1.0, -1e308, 2.0])) == []
+    assert len(_regression_plots(np.array([1.0, 2.0, 3.0]), np.array([1.1, 2.0, 2.9]))) == 2

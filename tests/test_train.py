@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from jobs.boosting import checkpoint_uri, features_digest, imbalance_plan
-from jobs.errors import TrainingError
+from jobs.errors import ConfigError, TrainingError
 from jobs.registry import load_bundle
 from jobs.storage import Storage, join
 from jobs.train import choose_plan, train_model
@@ -57,11 +57,12 @@ def test_auto_plan_picks_single_task_on_one_node():
 
 def test_unknown_hyperparameter_fails_before_any_work(pipeline_run, tmp_path):
     config, result = pipeline_run
-    bad = make_config("d", config.storage, **{"train.params": {"max_dept": 3}})
-    run_uri = copy_features(result.run_uri, tmp_path)
-    with pytest.raises(TrainingError, match="max_dept"):
-        train_model(bad, run_uri)
-    assert not (tmp_path / "train").exists()
+    with pytest.raises(ConfigError, match=r"train\.params.*max_dept"):
+        make_config("d", config.storage, **{"train.params": {"max_dept": 3}})
+    with pytest.raises(ConfigError, match=r"train\.params\.max_depth"):
+        make_config("d", config.storage, **{"train.params": {"max_depth": -3}})
+    with pytest.raises(ConfigError, match=r"tune\.space\.eta\.loguniform"):
+        make_config("d", config.storage, **{"tune.space": {"eta": {"loguniform": [0.3, -1]}}})
 
 
 def test_single_class_and_empty_split_are_named(pipeline_run, tmp_path):
