@@ -54,6 +54,11 @@ OBJECTIVES = {
 MAXIMIZED = {"auc", "aucpr"}
 
 
+def stop_metric(task: str) -> str:
+    """The validation metric early stopping, Tune and summaries use by default for a task."""
+    return OBJECTIVES[task]["eval_metric"][-1]
+
+
 def xgb_params(
     train: TrainConfig,
     seed: int,

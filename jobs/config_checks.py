@@ -45,26 +45,17 @@ KNOWN_PARAMS = {
     "seed",
     "nthread",
 }
-NON_NEGATIVE = {
-    "eta",
-    "learning_rate",
-    "max_depth",
-    "min_child_weight",
-    "gamma",
-    "min_split_loss",
-    "lambda",
-    "reg_lambda",
-    "alpha",
-    "reg_alpha",
-    "max_delta_step",
-    "subsample",
-    "colsample_bytree",
-    "colsample_bylevel",
-    "colsample_bynode",
-    "max_bin",
-    "max_leaves",
-    "scale_pos_weight",
-    "num_parallel_tree",
+# Numeric parameters XGBoost refuses below zero; the others are strings, seeds or free numbers.
+NON_NEGATIVE = KNOWN_PARAMS - {
+    "grow_policy",
+    "tree_method",
+    "sampling_method",
+    "base_score",
+    "max_cat_to_onehot",
+    "monotone_constraints",
+    "interaction_constraints",
+    "seed",
+    "nthread",
 }
 TASK_METRICS = {
     "binary": ("pr_auc", "roc_auc", "f1", "log_loss", "brier"),
@@ -152,6 +143,7 @@ def check_features(config) -> None:
     """Every feature, label, timestamp, history, split and slice column exists, in order."""
     features = config.features
     available = joined_columns(config)
+    pii = pii_columns(config)
     fact = config.sources[config.fact]
     where = f"(available: {sorted(available)})"
     if features.label not in fact.columns():
@@ -180,7 +172,7 @@ def check_features(config) -> None:
             _fail(path, "needs features.timestamp, the event-time column (none is set)")
     if features.history:
         for key in ("entity", "amount"):
-            if getattr(features.history, key) in pii_columns(config):
+            if getattr(features.history, key) in pii:
                 _fail(
                     f"features.history.{key}",
                     "a PII column cannot feed history features "
@@ -203,7 +195,7 @@ def check_features(config) -> None:
                 f"{derived.kind} takes {expected} column(s), got {len(derived.columns)}",
             )
         for index, column in enumerate(derived.columns):
-            if column in pii_columns(config):
+            if column in pii:
                 _fail(
                     f"features.derived.{name}.columns[{index}]",
                     f"{column!r} is a PII column and can never feed a feature",
@@ -217,7 +209,6 @@ def check_features(config) -> None:
             _fail(f"features.derived.{name}", f"{name!r} already names a column")
     engineered = set(features.derived) | (set(HISTORY_FEATURES) if features.history else set())
     usable = set(available) | engineered
-    pii = pii_columns(config)
     for key in ("numeric", "categorical"):
         for index, column in enumerate(getattr(features, key)):
             path = f"features.{key}[{index}]"

@@ -10,19 +10,20 @@ import sys
 
 import typer
 
-from jobs.errors import RaylineError
+from jobs.errors import RaylineError, causes
 
 
 def bad_input(error: BaseException) -> RaylineError | None:
     """The rayline error behind `error`, also when it was raised inside a Ray task."""
-    seen = 0
-    while error is not None and seen < 5:
-        if isinstance(error, RaylineError) and not type(error).__name__.startswith("RayTaskError"):
-            return error
-        cause = getattr(error, "cause", None)  # RayTaskError carries the task's exception
-        error = cause if isinstance(cause, BaseException) else error.__cause__
-        seen += 1
-    return None
+    return next(
+        (
+            found
+            for found in causes(error)
+            if isinstance(found, RaylineError)
+            and not type(found).__name__.startswith("RayTaskError")
+        ),
+        None,
+    )
 
 
 def one_line(message: str) -> str:

@@ -7,6 +7,8 @@ Nothing here imports anything else from `jobs`.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 
 class RaylineError(Exception):
     """Base of every error an entry point reports as one line (bad input, not a bug)."""
@@ -38,3 +40,14 @@ class BundleError(RaylineError, ValueError):
 
 class ConflictError(RaylineError):
     """A concurrent writer won a race (a version folder or an alias); the caller may retry."""
+
+
+def causes(error: BaseException | None, depth: int = 5) -> Iterator[BaseException]:
+    """`error` and what caused it, also across Ray: a RayTaskError carries the task's own
+    exception as `.cause`."""
+    for _ in range(depth):
+        if error is None:
+            return
+        yield error
+        cause = getattr(error, "cause", None)
+        error = cause if isinstance(cause, BaseException) else error.__cause__

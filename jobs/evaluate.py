@@ -23,6 +23,7 @@ from jobs.config import Config, ThresholdConfig, load_config
 from jobs.entrypoint import run_cli
 from jobs.featurespec import FeatureSpec
 from jobs.metrics import task_metrics
+from jobs.runs import latest_model
 from jobs.scoring import model_scores
 from jobs.storage import Storage, join
 
@@ -85,11 +86,6 @@ def raw_split_scores(
     features, labels = to_matrix(table, spec.features.label, spec.feature_names)
     scores = model_scores(booster, features, spec.task)
     return table, (labels if spec.task == "regression" else labels.astype(int)), scores
-
-
-def latest_model(storage: Storage, run_uri: str) -> str:
-    """The model the run's latest training wrote (`train/_result.json`)."""
-    return storage.read_json(join(run_uri, "train", "_result.json"))["model_uri"]
 
 
 def evaluate(

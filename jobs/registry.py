@@ -28,6 +28,7 @@ from jobs.aliases import get_alias, rollback, set_alias
 from jobs.errors import BundleError
 from jobs.featurespec import FeatureSpec
 from jobs.metrics import HEADLINE
+from jobs.runs import latest_model
 from jobs.storage import Storage, join
 from jobs.versions import CLAIM, MANIFEST, claim_version, list_versions, version_dir
 
@@ -126,13 +127,13 @@ def publish(
     """Copies a run's model, spec and lookups into a new immutable version; returns it.
 
     Args:
-        model_uri: the model to publish instead of `<run_uri>/train/model.ubj`.
+        model_uri: the model to publish; default: the run's latest training's.
         extra_files: more files for the bundle by relative name (e.g. "calibration.json");
             they are covered by the manifest and `load_bundle` returns them in `extras`.
     """
     features = join(run_uri, "features")
     files = {
-        "model.ubj": storage.read_bytes(model_uri or join(run_uri, "train", "model.ubj")),
+        "model.ubj": storage.read_bytes(model_uri or latest_model(storage, run_uri)),
         "feature_spec.json": storage.read_bytes(join(features, "feature_spec.json")),
     }
     lookups = join(features, "lookups")  # none when the features need no join or history

@@ -18,16 +18,16 @@ import xgboost as xgb
 
 from jobs.boosting import (
     MODEL_FILE,
-    OBJECTIVES,
     TrainResult,
     features_digest,
+    stop_metric,
     task_imbalance,
     training_key,
     xgb_params,
 )
 from jobs.config import Config, TrainConfig, load_config
 from jobs.entrypoint import run_cli
-from jobs.errors import TrainingError
+from jobs.errors import TrainingError, causes
 from jobs.ray_runtime import init_ray
 from jobs.runs import new_run_id
 from jobs.storage import Storage, join
@@ -46,18 +46,13 @@ def choose_plan(train: TrainConfig, rows: int, cluster_cpus: float, nodes: int) 
 
 
 def _xgboost_refusal(error: BaseException) -> str | None:
-    """The first line of an XGBoostError behind `error` (also from inside a Ray task)."""
-    for _ in range(5):
-        if isinstance(error, xgb.core.XGBoostError):
-            lines = [line for line in str(error).splitlines() if line.strip()]
-            return next(
-                (line for line in lines if "Check failed" in line or "Invalid" in line),
-                lines[0] if lines else "XGBoostError",
-            )
-        error = getattr(error, "cause", None) or error.__cause__
-        if error is None:
-            return None
-    return None
+    """The telling line of an XGBoostError behind `error` (also from inside a Ray task)."""
+    refusal = next((e for e in causes(error) if isinstance(e, xgb.core.XGBoostError)), None)
+    if refusal is None:
+        return None
+    lines = [line for line in str(refusal).splitlines() if line.strip()]
+    telling = [line for line in lines if "Check failed" in line or "Invalid" in line]
+    return (telling or lines or ["XGBoostError"])[0]
 
 
 def train_model(
@@ -98,20 +93,19 @@ def train_model(
     imbalance = task_imbalance(
         config.task, report["class_counts"]["train"], train_cfg, len(spec.get("classes", []))
     )
+    key = training_key(train_cfg, config.seed, features_digest(storage, run_uri))
+    training_id = f"{key}-{new_run_id()}"
+    model_uri = join(run_uri, "train", "models", training_id, MODEL_FILE)
     try:
-        result = runner(config, train_cfg, run_uri, storage, imbalance)
+        result = runner(config, train_cfg, run_uri, storage, imbalance, model_uri)
     except Exception as error:  # noqa: BLE001 - only XGBoost's own refusals are re-worded
         refusal = _xgboost_refusal(error)
         if refusal is None:
             raise
         raise TrainingError(f"XGBoost refused train.params: {refusal}") from None
     result.plan, result.plan_reason = plan, reason
-    key = training_key(train_cfg, config.seed, features_digest(storage, run_uri))
-    result.training_id = f"{key}-{new_run_id()}"
-    model_uri = join(run_uri, "train", "models", result.training_id, MODEL_FILE)
-    storage.write_bytes(model_uri, storage.read_bytes(result.model_uri))
-    result.model_uri = model_uri
-    result.valid_metric = list(OBJECTIVES[config.task]["eval_metric"])[-1]
+    result.training_id = training_id
+    result.valid_metric = stop_metric(config.task)
     result.seconds = round(time.perf_counter() - started, 3)
     storage.write_json(join(run_uri, "train", "_result.json"), asdict(result))
     return result

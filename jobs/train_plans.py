@@ -159,6 +159,7 @@ def _train_task(
     storage: Storage,
     imbalance: dict,
     nthread: int,
+    model_uri: str,
     board=None,
 ) -> dict:
     """The single plan: read the splits with pyarrow, train with every CPU of this task."""
@@ -179,12 +180,17 @@ def _train_task(
         callbacks.append(ReportProgress(board))
     booster, history = fit_booster(dtrain, dvalid, params, train, callbacks, start, stopper)
     model, summary = _finish(booster, stopper, resumed, len(y_train))
-    save_booster(storage, model, join(run_uri, "train", MODEL_FILE))
+    save_booster(storage, model, model_uri)
     return {**summary, "params": params, "history": history, "checkpoint_uri": checkpoints}
 
 
 def run_single(
-    config: Config, train: TrainConfig, run_uri: str, storage: Storage, imbalance: dict
+    config: Config,
+    train: TrainConfig,
+    run_uri: str,
+    storage: Storage,
+    imbalance: dict,
+    model_uri: str,
 ) -> TrainResult:
     nodes = [n for n in ray.nodes() if n["Alive"]]
     largest = max(n["Resources"].get("CPU", 1) for n in nodes)
@@ -194,7 +200,7 @@ def run_single(
         num_cpus=cpus, max_retries=train.max_failures, num_gpus=train.gpus_per_worker or None
     )
     board = progress_board()
-    ref = task.remote(config, train, run_uri, storage, imbalance, cpus, board)
+    ref = task.remote(config, train, run_uri, storage, imbalance, cpus, model_uri, board)
     if board is None:
         out = ray.get(ref)
     else:
@@ -203,7 +209,7 @@ def run_single(
         finally:
             ray.kill(board)
     return TrainResult(
-        model_uri=join(run_uri, "train", MODEL_FILE),
+        model_uri=model_uri,
         plan="single",
         plan_reason="",
         params=out["params"],
@@ -291,7 +297,12 @@ def _worker_loop(loop_config: dict) -> None:
 
 
 def run_distributed(
-    config: Config, train: TrainConfig, run_uri: str, storage: Storage, imbalance: dict
+    config: Config,
+    train: TrainConfig,
+    run_uri: str,
+    storage: Storage,
+    imbalance: dict,
+    model_uri: str,
 ) -> TrainResult:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.v2.api.config import LoggingConfig
@@ -347,9 +358,9 @@ def run_distributed(
     metrics = result.metrics
     with result.checkpoint.as_directory() as folder:
         booster = xgb.Booster(model_file=str(Path(folder, MODEL_FILE)))
-    save_booster(storage, booster, join(run_uri, "train", MODEL_FILE))
+    save_booster(storage, booster, model_uri)
     return TrainResult(
-        model_uri=join(run_uri, "train", MODEL_FILE),
+        model_uri=model_uri,
         plan="distributed",
         plan_reason="",
         params=xgb_params(train, config.seed, None, imbalance),

@@ -75,7 +75,7 @@ def test_load_bundle_returns_model_spec_lookups_and_threshold(shared):
     assert (bundle.name, bundle.version) == (name, 1)
 
     assert isinstance(bundle.booster, xgb.Booster)
-    run_model = Path(result.run_uri, "train", "model.ubj").read_bytes()
+    run_model = Path(result.metrics["model_uri"]).read_bytes()  # the training's own model
     assert (version_dir(registry_uri, name, 1) / "model.ubj").read_bytes() == run_model
     assert bundle.booster.num_features() == len(bundle.spec.feature_names)
 

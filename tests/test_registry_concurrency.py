@@ -77,7 +77,8 @@ def make_run(storage: Storage, root: str, seed: int) -> str:
     sink = io.BytesIO()
     pq.write_table(pa.table({"customer_id": ["c1", "c2"], "state_count": [1, seed]}), sink)
     run = join(root, "runs", f"run-{seed}")
-    storage.write_bytes(join(run, "train", "model.ubj"), bytes(booster.save_raw("ubj")))
+    storage.write_bytes(model_of(run), bytes(booster.save_raw("ubj")))
+    storage.write_json(join(run, "train", "_result.json"), {"model_uri": model_of(run)})
     storage.write_bytes(join(run, "features", "feature_spec.json"), spec.model_dump_json().encode())
     storage.write_bytes(join(run, "features", "lookups", "history.parquet"), sink.getvalue())
     return run
@@ -213,6 +214,11 @@ def test_storage_failures_name_the_uri(s3_server, tmp_path):
         Storage().create_exclusive(str(blocker / "000001" / CLAIM), b"x")
 
 
+def model_of(run: str) -> str:
+    """Where a run's (only) training put its model, as `train/_result.json` names it."""
+    return join(run, "train", "models", "only", "model.ubj")
+
+
 # --- publishing ---------------------------------------------------------------------------
 
 
@@ -220,7 +226,7 @@ def test_publish_with_model_uri_and_extra_files(backend):
     storage, root = backend
     registry_uri = join(root, "registry")
     run, other = make_run(storage, root, 1), make_run(storage, root, 2)
-    other_model = join(other, "train", "model.ubj")
+    other_model = model_of(other)
     calibration = {"method": "isotonic", "x": [0.0, 1.0], "y": [0.0, 1.0]}
     version = registry.publish(
         storage,
@@ -295,7 +301,7 @@ def test_concurrent_publishers_never_share_a_version(backend, pool):
     assert registry.list_versions(storage, registry_uri, NAME) == list(range(1, total + 1))
     for publisher, versions in by_publisher.items():
         assert versions == sorted(versions)
-        model = sha(storage.read_bytes(join(runs[publisher], "train", "model.ubj")))
+        model = sha(storage.read_bytes(model_of(runs[publisher])))
         for n, version in enumerate(versions):
             bundle = registry.load_bundle(storage, registry_uri, NAME, version)  # checksums
             folder = version_dir(registry_uri, NAME, version)

@@ -81,7 +81,8 @@ def test_pipeline_on_s3_writes_everything_to_the_bucket(
     assert bundle.booster.num_boosted_rounds() > 0  # checksums verified through S3
 
     # The run's own outputs: model, quarantine rows and feature splits, all in the bucket.
-    assert f"{run}/train/model.ubj" in written
+    model = result.metrics["model_uri"].removeprefix("s3://")
+    assert model.startswith(f"{run}/train/models/") and model in written
     report = json.loads(fs.open_input_file(f"{run}/ingest/_report.json").read())
     for source in ("transactions", "customers", "merchants"):
         rows = {k for k in written if k.startswith(f"{run}/quarantine/{source}/rows/")}
