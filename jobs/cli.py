@@ -1,4 +1,5 @@
-"""The `rayline` command: one subcommand per batch stage (serving has `python -m serving.app`)."""
+"""The `rayline` command: one subcommand per batch stage, plus `rayline serve status` (the app
+itself runs with `python -m serving.app`, since jobs never imports serving)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,25 @@ from typing import Annotated
 
 import typer
 
-from jobs import cv, evaluate, features, ingest, pipeline, predict, registry, train, tune
+from jobs import (
+    cv,
+    evaluate,
+    features,
+    ingest,
+    pipeline,
+    predict,
+    registry,
+    serve_status,
+    train,
+    tune,
+)
 from jobs.entrypoint import run_cli
 
 app = typer.Typer(help="rayline: raw data to a served XGBoost model, on Ray.", no_args_is_help=True)
 data_app = typer.Typer(help="Sample data.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(registry.app, name="models")
+app.add_typer(serve_status.app, name="serve")
 app.command("ingest")(ingest.main)
 app.command("features")(features.main)
 app.command("train")(train.main)

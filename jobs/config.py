@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from jobs.config_checks import (
     LOWER_IS_BETTER,
@@ -24,6 +24,7 @@ from jobs.config_checks import (
 )
 from jobs.errors import ConfigError
 from jobs.label_map import LabelMap
+from jobs.serve_config import ServeConfig, Strict
 
 __all__ = [
     "LOWER_IS_BETTER",
@@ -33,10 +34,6 @@ __all__ = [
     "load_config",
     "parse_config",
 ]
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=False)
 
 
 ColumnType = Literal["string", "int64", "float64", "bool", "timestamp", "date"]
@@ -269,20 +266,6 @@ class EvaluateConfig(Strict):
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
 
 
-class ServeConfig(Strict):
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    model: str = Field("", description="registered model name; defaults to the config's name")
-    alias: str = "production"
-    max_batch_size: int = Field(
-        64, ge=1, description="records per model call (a larger request is split into several)"
-    )
-    batch_wait_timeout_s: float = 0.005
-    max_records_per_request: int = 1000
-    replica_cpus: float = Field(0.5, gt=0, description="CPUs reserved per Serve replica")
-    request_timeout_s: float = Field(30.0, gt=0, description="the proxy answers 408 after this")
-
-
 class S3Config(Strict):
     """Where s3:// URIs point. Credentials come from the standard AWS chain, never from here."""
 
@@ -330,6 +313,8 @@ class Config(Strict):
         check_task(self)
         check_search(self)
         add_label_rules(self)
+        for served in self.serve.models:
+            served.name = served.name or self.name
         return self
 
     def digest(self) -> str:

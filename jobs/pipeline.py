@@ -16,6 +16,7 @@ import typer
 
 from jobs import registry
 from jobs.config import Config, load_config
+from jobs.drift import bundle_reference
 from jobs.entrypoint import run_cli
 from jobs.evaluate import evaluate
 from jobs.features import build_features
@@ -97,6 +98,15 @@ def finish_run(
     evaluation = _timed(
         seconds, "evaluate", evaluate, config, run_uri, storage, model_uri=trained.model_uri
     )
+    reference = _timed(
+        seconds,
+        "reference",
+        bundle_reference,
+        storage,
+        run_uri,
+        trained.model_uri,
+        evaluation.calibration,
+    )
     registry_uri = join(config.storage, "registry")
     gate = promotion_gate(config, run_uri, evaluation.metrics, storage)
     record = {
@@ -112,7 +122,10 @@ def finish_run(
         evaluation.metrics,
         record,
         model_uri=trained.model_uri,
-        extra_files={"calibration.json": json.dumps(evaluation.calibration).encode()},
+        extra_files={
+            "calibration.json": json.dumps(evaluation.calibration).encode(),
+            "reference.json": json.dumps(reference).encode(),
+        },
     )
     registry.set_alias(storage, registry_uri, config.name, "candidate", version, gate["reason"])
     if gate["promote"]:

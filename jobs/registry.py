@@ -73,6 +73,12 @@ class Bundle:
         """`calibration.json` if the bundle was published with one."""
         return self.extras.get("calibration.json")
 
+    @property
+    def reference(self) -> dict | None:
+        """`reference.json` (train-split feature and score distributions, `jobs.drift`) if the
+        bundle was published with one."""
+        return self.extras.get("reference.json")
+
 
 def library_versions() -> dict:
     import ray

@@ -6,6 +6,8 @@ Everything runs on one embedded local Ray, started once, and is shut down at the
 from __future__ import annotations
 
 import json
+import os
+import secrets
 from typing import Annotated
 
 import requests
@@ -32,6 +34,17 @@ SAMPLE = {
     "timestamp": "2026-02-01T03:12:00Z",
     "channel": "web",
 }
+
+
+def demo_token(auth) -> dict:
+    """Auth stays on in the demo: with no tokens configured, a one-off token is made for it."""
+    if auth.local_demo_no_auth:
+        return {}
+    token = secrets.token_urlsafe(24)
+    existing = os.environ.get(auth.tokens_env, "")
+    os.environ[auth.tokens_env] = f"{existing} predict:{token}".strip()
+    console.print(f"a one-off predict token for this demo was added to {auth.tokens_env}")
+    return {"Authorization": f"Bearer {token}"}
 
 
 def main(
@@ -67,11 +80,14 @@ def main(
     console.rule("pipeline: ingest -> features -> train -> evaluate -> register")
     run_pipeline(loaded)
     console.rule("serve")
+    headers = demo_token(loaded.serve.auth)
     try:
         url = deploy(loaded)
         console.print(f"Ray Serve is up at {url}; POST /predict with one raw transaction:")
         console.print_json(data={"records": [SAMPLE]})
-        response = requests.post(f"{url}/predict", json={"records": [SAMPLE]}, timeout=30)
+        response = requests.post(
+            f"{url}/predict", json={"records": [SAMPLE]}, headers=headers, timeout=30
+        )
         console.print(f"HTTP {response.status_code}")
         console.print_json(json.dumps(response.json()))
         response.raise_for_status()

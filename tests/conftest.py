@@ -21,6 +21,12 @@ os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 os.environ.setdefault("RAYLINE_PII_KEY", "test-pii-key")
+# Serving tests authenticate with these (the app refuses to start without tokens).
+PREDICT_TOKEN = "predict-token-for-tests"
+ADMIN_TOKEN = "admin-token-for-tests"
+os.environ["RAYLINE_SERVE_TOKENS"] = f"predict:{PREDICT_TOKEN} admin,predict:{ADMIN_TOKEN}"
+PREDICT_HEADERS = {"Authorization": f"Bearer {PREDICT_TOKEN}"}
+ADMIN_HEADERS = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 def _session_auth_token() -> None:

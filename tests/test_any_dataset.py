@@ -20,7 +20,7 @@ from jobs.predict import predict, score_records
 from jobs.registry import load_bundle
 from jobs.sample_tables import generate_table
 from jobs.storage import Storage, join
-from tests.conftest import ROOT, free_port
+from tests.conftest import PREDICT_HEADERS, ROOT, free_port
 
 pytestmark = pytest.mark.slow
 ROWS = 2500
@@ -113,21 +113,25 @@ def test_served_over_http_with_the_same_scores_as_in_process(shaped_run):
     records = http_records(kind, config, rows)
     try:
         url = deploy(config)
-        response = requests.post(f"{url}/predict", json={"records": records}, timeout=60)
+        response = requests.post(
+            f"{url}/predict", json={"records": records}, headers=PREDICT_HEADERS, timeout=60
+        )
         assert response.status_code == 200, response.text
         body = response.json()
         bad = dict(records[0], **{config.features.numeric[0]: math.nan})
         refused = requests.post(  # a literal NaN, as json.dumps writes it by default
             f"{url}/predict",
             data=json.dumps({"records": [bad]}),
-            headers={"content-type": "application/json"},
+            headers={"content-type": "application/json", **PREDICT_HEADERS},
             timeout=60,
         )
         assert refused.status_code == 422
         assert config.features.numeric[0] in refused.text
         # More records than one model call takes (max_batch_size) are split, not a 500.
         many = (records * (config.serve.max_batch_size // len(records) + 2))[:150]
-        large = requests.post(f"{url}/predict", json={"records": many}, timeout=60)
+        large = requests.post(
+            f"{url}/predict", json={"records": many}, headers=PREDICT_HEADERS, timeout=60
+        )
         assert large.status_code == 200, large.text
         assert len(large.json()["predictions"]) == len(many)
         assert large.json()["predictions"][: len(records)] == response.json()["predictions"]
@@ -140,7 +144,9 @@ def test_served_over_http_with_the_same_scores_as_in_process(shaped_run):
         )
         for field, value in ((numeric, True), (int_field, "5"), (int_field, 2**70)):
             bad = dict(records[0], **{field: value})
-            answer = requests.post(f"{url}/predict", json={"records": [bad]}, timeout=60)
+            answer = requests.post(
+                f"{url}/predict", json={"records": [bad]}, headers=PREDICT_HEADERS, timeout=60
+            )
             assert answer.status_code == 422 and field in answer.text, (field, answer.text)
     finally:
         serve.shutdown()

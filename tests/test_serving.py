@@ -18,7 +18,7 @@ from jobs.featurespec import online_source
 from jobs.predict import predict, score_records
 from jobs.registry import load_bundle
 from jobs.storage import Storage, join
-from tests.conftest import free_port
+from tests.conftest import PREDICT_HEADERS, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -82,7 +82,9 @@ def records(raw_records) -> list[dict]:
 
 
 def post(url: str, records: list[dict]) -> requests.Response:
-    return requests.post(f"{url}/predict", json={"records": records}, timeout=TIMEOUT)
+    return requests.post(
+        f"{url}/predict", json={"records": records}, headers=PREDICT_HEADERS, timeout=TIMEOUT
+    )
 
 
 def http_scores(url: str, records: list[dict]) -> np.ndarray:
@@ -163,7 +165,10 @@ def test_unknown_fields_are_422(served, records):
     assert response.status_code == 422, response.text
     assert ["body", "records", 0, "favourite_colour"] in error_locs(response)
     response = requests.post(
-        f"{url}/predict", json={"records": records[:1], "debug": True}, timeout=TIMEOUT
+        f"{url}/predict",
+        json={"records": records[:1], "debug": True},
+        headers=PREDICT_HEADERS,
+        timeout=TIMEOUT,
     )
     assert response.status_code == 422, response.text
     assert ["body", "debug"] in error_locs(response)
@@ -172,17 +177,28 @@ def test_unknown_fields_are_422(served, records):
 def test_empty_request_is_422(served):
     _, url = served
     assert post(url, []).status_code == 422
-    assert requests.post(f"{url}/predict", json={}, timeout=TIMEOUT).status_code == 422
+    empty = requests.post(f"{url}/predict", json={}, headers=PREDICT_HEADERS, timeout=TIMEOUT)
+    assert empty.status_code == 422
 
 
-def test_healthz(served, bundle):
+def test_healthz_readyz_and_models(served, bundle):
     config, url = served
     response = requests.get(f"{url}/healthz", timeout=TIMEOUT)
-    assert response.status_code == 200
+    assert response.status_code == 200 and response.json()["status"] == "ok"
+    ready = requests.get(f"{url}/readyz", timeout=TIMEOUT)
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
+    response = requests.get(f"{url}/models", headers=PREDICT_HEADERS, timeout=TIMEOUT)
+    assert response.status_code == 200, response.text
     body = response.json()
-    assert body["status"] == "ok"
-    assert (body["model"], body["version"]) == (config.name, bundle.version)
-    assert body["threshold"] == pytest.approx(bundle.threshold)
+    assert body["default"] == config.name
+    [model] = body["models"]
+    assert (model["name"], model["version"], model["alias"]) == (
+        config.name,
+        bundle.version,
+        "production",
+    )
+    assert model["threshold"] == pytest.approx(bundle.threshold)
+    assert model["traffic"] == {str(bundle.version): 1.0}
 
 
 def test_docs_and_openapi_list_the_record_fields(served, bundle):

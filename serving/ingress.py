@@ -1,0 +1,363 @@
+"""The Ray Serve ingress: one FastAPI deployment that holds the models and batches their calls.
+
+One hop: the models live in the ingress replica (no second deployment, no handle call), each
+request is scored by the compiled online path (`jobs.online`), and `@serve.batch` merges
+concurrent requests into one model call per version. Replicas follow the registry's aliases and
+traffic split (`serving.slots`), so moving an alias needs no redeploy. Routes:
+POST /predict, POST /models/{name}/predict (scope predict); GET /models (predict);
+POST /admin/models/{name}/reload|rollback, PUT /admin/models/{name}/traffic (admin);
+GET /healthz, GET /readyz (no token: probes).
+"""
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from ray.serve.config import AutoscalingConfig, BackpressureConfig
+
+from jobs.aliases import rollback
+from jobs.config import Config
+from jobs.errors import BundleError, RaylineError
+from jobs.scoring import predictions as to_predictions
+from jobs.serve_config import CanaryConfig, ServedModelConfig
+from jobs.storage import Storage, join
+from serving.auth import Authenticator, AuthFailure
+from serving.schema import (
+    BadRequest,
+    error_detail,
+    openapi_body,
+    parse_body,
+    request_model,
+    validate_body,
+    validation_error,
+)
+from serving.slots import Loaded, ModelTable, RegistryLoader
+
+logger = logging.getLogger("ray.serve")
+AUTH_LOC = ["header", "authorization"]
+
+
+class TrafficRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    canary: CanaryConfig | None = None
+    shadow: str | None = Field(None, max_length=64)
+
+
+def _json(status: int, payload: dict, request_id: str, headers: dict | None = None) -> Response:
+    return Response(
+        json.dumps(payload), status_code=status, media_type="application/json", headers=headers
+    )
+
+
+def _error(status: int, message: str, request_id: str, loc: list | None = None) -> Response:
+    detail = [{"loc": loc or ["body"], "msg": message, "type": "request_error"}]
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return _json(status, {"detail": detail, "request_id": request_id}, request_id, headers)
+
+
+async def read_limited(request: Request, limit: int) -> bytes:
+    """The body, or 413 as soon as it is known to exceed `limit` (header or stream)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        raise BadRequest(413, f"body larger than {limit} bytes", ["header", "content-length"])
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BadRequest(413, f"body larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def records_in(items: list[tuple[Loaded, list[dict]]]) -> int:
+    return sum(len(records) for _, records in items)
+
+
+def build_app(config: Config, loader: RegistryLoader | None = None):
+    """The Serve application for `config`: one ingress deployment holding the served models."""
+    serve_cfg = config.serve
+    if loader is None:
+        loader = RegistryLoader(Storage(config.s3), join(config.storage, "registry"))
+    # Fail before Ray starts: tokens configured, every model's alias resolvable. Replicas get
+    # the tokens' digests, never the tokens, so they need no secret env on their nodes.
+    authenticator = Authenticator.from_config(serve_cfg.auth)
+    first = serve_cfg.models[0]
+    spec = loader.load(first.name, loader.resolve(first.name, first.alias)).spec
+    for model in serve_cfg.models[1:]:
+        loader.resolve(model.name, model.alias)
+    body_model = request_model(spec, serve_cfg.max_records_per_request)
+    openapi_extra = openapi_body(body_model)
+    api = FastAPI(title="rayline", description="Scores raw records with registered models.")
+    api.add_exception_handler(RequestValidationError, validation_error)
+    user_config = {"models": [m.model_dump() for m in serve_cfg.models]}
+    options: dict[str, Any] = {"num_cpus": serve_cfg.replica_cpus}
+    if serve_cfg.replica_resources:
+        options["resources"] = dict(serve_cfg.replica_resources)
+    if serve_cfg.replica_labels:
+        options["label_selector"] = dict(serve_cfg.replica_labels)
+    scaling = serve_cfg.autoscaling
+    replicas: dict[str, Any] = (
+        {
+            "autoscaling_config": AutoscalingConfig(
+                min_replicas=scaling.min_replicas,
+                max_replicas=scaling.max_replicas,
+                target_ongoing_requests=scaling.target_ongoing_requests,
+            )
+        }
+        if scaling.max_replicas > scaling.min_replicas
+        else {"num_replicas": scaling.min_replicas}
+    )
+
+    @serve.deployment(
+        ray_actor_options=options,
+        max_ongoing_requests=serve_cfg.max_ongoing_requests,
+        max_queued_requests=serve_cfg.max_queued_requests,
+        backpressure_config=BackpressureConfig(status_code=503, retry_after_s=1),
+        user_config=user_config,
+        **replicas,
+    )
+    @serve.ingress(api)
+    class Ingress:
+        def __init__(self, registry: RegistryLoader, auth: Authenticator):
+            self.auth = auth
+            self.table = ModelTable(registry, serve_cfg.models)
+            self.registry = registry
+            self.ready = False
+            self.follower: asyncio.Task | None = None
+
+        async def reconfigure(self, user_config: dict) -> None:
+            """Initial load and every `serve deploy` with new models/aliases/traffic."""
+            configs = [ServedModelConfig(**m) for m in user_config["models"]]
+            await self.table.refresh(configs)
+            self.ready = True
+            if self.follower is None:
+                self.follower = asyncio.get_running_loop().create_task(
+                    self.table.follow(serve_cfg.refresh_s)
+                )
+
+        def check_health(self) -> None:
+            if not self.ready:
+                raise RuntimeError("models not loaded yet")
+
+        @serve.batch(
+            max_batch_size=serve_cfg.max_batch_size,
+            batch_wait_timeout_s=serve_cfg.batch_wait_timeout_s,
+            batch_size_fn=records_in,  # a batch is capped in records, not in requests
+        )
+        async def score_batch(self, items: list[tuple[Loaded, list[dict]]]) -> list[tuple]:
+            """One model call per version for all requests waiting in this batch."""
+            results: list[Any] = [None] * len(items)
+            groups: dict[int, list[int]] = {}
+            for index, (loaded, _) in enumerate(items):
+                groups.setdefault(id(loaded), []).append(index)
+            for indexes in groups.values():
+                loaded = items[indexes[0]][0]
+                flat = [record for i in indexes for record in items[i][1]]
+                scores, reasons = loaded.scorer.score(flat)
+                start = 0
+                for i in indexes:
+                    end = start + len(items[i][1])
+                    results[i] = (scores[start:end], reasons[start:end])
+                    start = end
+            return results
+
+        async def _score(self, loaded: Loaded, records: list[dict]):
+            # @serve.batch refuses one call larger than max_batch_size (Serve 2.60 raises), so a
+            # large request goes as several calls and is put back together in order.
+            size = serve_cfg.max_batch_size
+            parts = await asyncio.gather(
+                *[
+                    self.score_batch((loaded, records[start : start + size]))
+                    for start in range(0, len(records), size)
+                ]
+            )
+            scores = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
+            return scores, [reason for part in parts for reason in part[1]]
+
+        async def _predict(self, request: Request, name: str | None) -> Response:
+            started = time.perf_counter()
+            # Serve's proxy (or HAProxy) has put the client's X-Request-Id, or a new one, on the
+            # request and echoes it on the response; the body and the logs carry the same id.
+            request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+            status, model_name, version = 500, name or self.table.default, None
+            try:
+                self.auth.check(request.headers.get("authorization"), "predict")
+                served = self.table.get(model_name)
+                if served is None:
+                    status = 404
+                    return _error(404, f"no model named {model_name!r}", request_id, ["path"])
+                raw = await read_limited(request, serve_cfg.max_body_bytes)
+                data = parse_body(raw, request.headers.get("content-type"))
+                body = validate_body(body_model, data)
+                records = [r.model_dump() for r in body.records]
+                loaded = served.pick()
+                version = loaded.version
+                scores, reasons = await asyncio.wait_for(
+                    self._score(loaded, records), serve_cfg.request_timeout_s
+                )
+                errors = [
+                    {
+                        "loc": ["body", "records", i, reason.split(":")[0]],
+                        "msg": reason,
+                        "type": "value_error",
+                    }
+                    for i, reason in enumerate(reasons)
+                    if reason is not None
+                ]
+                if errors:
+                    status = 422
+                    return _json(422, {"detail": errors, "request_id": request_id}, request_id)
+                spec = loaded.bundle.spec
+                payload = {
+                    "model": model_name,
+                    "version": version,
+                    "request_id": request_id,
+                    "predictions": to_predictions(
+                        scores, spec.task, loaded.bundle.threshold, spec.classes
+                    ),
+                }
+                if served.shadow is not None and served.shadow is not loaded:
+                    asyncio.get_running_loop().create_task(
+                        self._shadow(served.shadow, records, scores, request_id, model_name)
+                    )
+                status = 200
+                return _json(200, payload, request_id)
+            except AuthFailure as failure:
+                status = failure.status
+                return _error(failure.status, failure.message, request_id, AUTH_LOC)
+            except BadRequest as bad:
+                status = bad.status
+                return _error(bad.status, bad.message, request_id, bad.loc)
+            except RequestValidationError as invalid:
+                status = 422
+                detail = error_detail(invalid.errors())
+                return _json(422, {"detail": detail, "request_id": request_id}, request_id)
+            except TimeoutError:
+                status = 504
+                return _error(504, f"scoring took over {serve_cfg.request_timeout_s} s", request_id)
+            finally:
+                logger.info(
+                    "predict",
+                    extra={
+                        "rayline_request_id": request_id,
+                        "model": model_name,
+                        "version": version,
+                        "status": status,
+                        "latency_ms": round((time.perf_counter() - started) * 1000, 3),
+                    },
+                )
+
+        async def _shadow(self, shadow: Loaded, records, primary, request_id, name) -> None:
+            """Scores the shadow version and logs how it compares; the client never waits."""
+            scores, _ = shadow.scorer.score(records)
+            difference = np.abs(np.nan_to_num(scores) - np.nan_to_num(primary))
+            logger.info(
+                "shadow",
+                extra={
+                    "rayline_request_id": request_id,
+                    "model": name,
+                    "shadow_version": shadow.version,
+                    "max_abs_difference": float(difference.max()) if difference.size else 0.0,
+                },
+            )
+
+        @api.post("/predict", openapi_extra=openapi_extra)
+        async def predict(self, request: Request) -> Response:
+            return await self._predict(request, None)
+
+        @api.post("/models/{name}/predict", openapi_extra=openapi_extra)
+        async def predict_model(self, name: str, request: Request) -> Response:
+            return await self._predict(request, name)
+
+        @api.get("/schema", responses={200: {"model": body_model}})
+        async def schema(self) -> JSONResponse:
+            """The JSON schema of the body POST /predict takes (also under /docs)."""
+            return JSONResponse(body_model.model_json_schema())
+
+        @api.get("/healthz")
+        async def healthz(self) -> dict:
+            return {"status": "ok"}
+
+        @api.get("/readyz")
+        async def readyz(self) -> Response:
+            if not self.ready:
+                return JSONResponse({"status": "loading"}, status_code=503)
+            return JSONResponse({"status": "ready", "models": self._describe()})
+
+        def _describe(self) -> list[dict]:
+            return [model.describe() for model in self.table.models.values()]
+
+        def _admin(self, request: Request, scope: str = "admin") -> None:
+            self.auth.check(request.headers.get("authorization"), scope)
+
+        @api.get("/models")
+        async def models(self, request: Request) -> Response:
+            return await self._guarded(request, "predict", None, self._list)
+
+        async def _list(self, name: str | None) -> dict:
+            return {"default": self.table.default, "models": self._describe()}
+
+        async def _guarded(self, request: Request, scope: str, name: str | None, action):
+            request_id = uuid.uuid4().hex
+            try:
+                self._admin(request, scope)
+                if name is not None and self.table.get(name) is None:
+                    return _error(404, f"no model named {name!r}", request_id, ["path"])
+                return _json(200, await action(name), request_id)
+            except AuthFailure as failure:
+                return _error(failure.status, failure.message, request_id, AUTH_LOC)
+            except BadRequest as bad:
+                return _error(bad.status, bad.message, request_id, bad.loc)
+            except RequestValidationError as invalid:
+                return _json(422, {"detail": error_detail(invalid.errors())}, request_id)
+            except (BundleError, RaylineError) as error:
+                return _error(409, str(error), request_id)
+
+        @api.post("/admin/models/{name}/reload")
+        async def reload(self, name: str, request: Request) -> Response:
+            return await self._guarded(request, "admin", name, self._reload)
+
+        async def _reload(self, name: str) -> dict:
+            changes = await self.table.refresh()
+            return {"changes": changes, "model": self.table.get(name).describe()}
+
+        @api.post("/admin/models/{name}/rollback")
+        async def rollback_route(self, name: str, request: Request) -> Response:
+            return await self._guarded(request, "admin", name, self._rollback)
+
+        async def _rollback(self, name: str) -> dict:
+            alias = self.table.get(name).config.alias
+            pointer = await asyncio.to_thread(
+                rollback, self.registry.storage, self.registry.registry_uri, name, alias
+            )
+            await self.table.refresh()
+            return {"alias": alias, "pointer": pointer, "model": self.table.get(name).describe()}
+
+        @api.put("/admin/models/{name}/traffic")
+        async def traffic(self, name: str, request: Request) -> Response:
+            async def change(model: str) -> dict:
+                raw = await read_limited(request, 10_000)
+                wanted = validate_body(
+                    TrafficRequest, parse_body(raw, request.headers.get("content-type"))
+                )
+                for ref in [wanted.canary.ref if wanted.canary else None, wanted.shadow]:
+                    if ref:  # a bad ref is refused before anything is written
+                        await asyncio.to_thread(self.registry.resolve, model, ref)
+                await asyncio.to_thread(
+                    self.registry.set_traffic, model, wanted.model_dump(mode="json")
+                )
+                await self.table.refresh()
+                return {"model": self.table.get(model).describe()}
+
+            return await self._guarded(request, "admin", name, change)
+
+    return Ingress.bind(loader, authenticator)

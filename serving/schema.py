@@ -1,0 +1,149 @@
+"""The HTTP contract: request models generated from the bundle's FeatureSpec, strict parsing and
+4xx answers that name the field without echoing values.
+
+The body is parsed here rather than by FastAPI so that a duplicate JSON key (which `json.loads`
+would silently resolve to the last value) is a 400, and the size limit is enforced before
+parsing. OpenAPI at /docs still shows the exact record fields (`openapi_components`).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import date, datetime, timezone
+from typing import Annotated, Any
+
+import pyarrow as pa
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    create_model,
+)
+
+from jobs.featurespec import FeatureSpec, online_source
+from jobs.validate import ARROW_TYPES
+
+PYTHON_TYPES = {
+    # Strict: `true` is not an id or a number, and "5" is not an integer (422, naming the
+    # field). Ids often arrive as numbers; they are compared as strings.
+    "string": Annotated[StrictStr, Field(max_length=1000)] | StrictInt,
+    "int64": Annotated[int, Field(strict=True, ge=-(2**63), le=2**63 - 1)],
+    # NaN, ±Infinity and numbers too large for a double (which JSON parsing turns into
+    # infinity) are 422, naming the field, never a score.
+    "float64": Annotated[float, Field(allow_inf_nan=False, strict=True)],
+    "bool": StrictBool,
+    "timestamp": datetime,
+    "date": date,
+}
+
+
+class BadRequest(Exception):
+    """A 4xx with a message naming the problem (never the offending value)."""
+
+    def __init__(self, status: int, message: str, loc: list | None = None):
+        super().__init__(message)
+        self.status, self.message, self.loc = status, message, loc or ["body"]
+
+
+def record_model(spec: FeatureSpec) -> type[BaseModel]:
+    """A pydantic model of one raw record, built from the fact source's declared types."""
+    source = online_source(spec.source, spec.features.label)
+    required = {rule.column for rule in source.rules if rule.check == "not_null"}
+    fields: dict[str, Any] = {}
+    for column, kind in source.types.items():
+        python = PYTHON_TYPES[kind]
+        if column in required and column != source.primary_key:
+            fields[column] = (python, Field(...))
+        else:
+            fields[column] = (python | None, Field(None))
+    return create_model("Record", __config__=ConfigDict(extra="forbid"), **fields)
+
+
+def request_model(spec: FeatureSpec, max_records: int) -> type[BaseModel]:
+    return create_model(
+        "PredictRequest",
+        __config__=ConfigDict(extra="forbid"),
+        records=(list[record_model(spec)], Field(..., min_length=1, max_length=max_records)),
+    )
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        duplicate = next(k for k in keys if keys.count(k) > 1)
+        raise BadRequest(400, f"duplicate JSON key {duplicate[:64]!r}")
+    return dict(pairs)
+
+
+def parse_body(raw: bytes, content_type: str | None) -> Any:
+    """JSON -> Python, refusing the wrong content type, bad UTF-8 and duplicate keys."""
+    media = (content_type or "").split(";")[0].strip().lower()
+    if media != "application/json":
+        raise BadRequest(415, "Content-Type must be application/json", ["header", "content-type"])
+    if not raw.strip():
+        raise BadRequest(400, 'empty body; expected {"records": [...]}')
+    try:
+        return json.loads(raw, object_pairs_hook=_no_duplicate_keys)
+    except UnicodeDecodeError:
+        raise BadRequest(400, "body is not valid UTF-8") from None
+    except RecursionError:
+        raise BadRequest(400, "JSON nested too deeply") from None
+    except json.JSONDecodeError as error:
+        raise BadRequest(400, f"malformed JSON: {error.msg} at position {error.pos}") from None
+
+
+def validate_body(model: type[BaseModel], data: Any) -> BaseModel:
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        errors = [{**e, "loc": ("body", *e.get("loc", ()))} for e in error.errors()]
+        raise RequestValidationError(errors) from None
+
+
+def error_detail(errors: list[dict]) -> list[dict]:
+    return [
+        {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": e.get("type")}
+        for e in errors
+    ]
+
+
+async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    """422 naming each field, without echoing the offending value back: a NaN or infinity
+    cannot be written as JSON (FastAPI's default handler answered 500), and an echoed value
+    could be a secret or a megabyte of text."""
+    return JSONResponse(status_code=422, content={"detail": error_detail(error.errors())})
+
+
+def openapi_body(model: type[BaseModel]) -> dict:
+    """`openapi_extra` for a route that parses its own body, pointing at the model's schema
+    (registered in OpenAPI's components by the app's GET /schema route)."""
+    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
+def records_table(records: list[dict], spec: FeatureSpec) -> pa.Table:
+    """Records as the Arrow table the batch path (`jobs.predict.score_records`) takes."""
+    source = online_source(spec.source, spec.features.label)
+    columns = {}
+    for column, kind in source.types.items():
+        values = [record.get(column) for record in records]
+        if kind == "string":
+            values = [None if v is None else str(v) for v in values]
+        elif kind == "timestamp":
+            values = [_utc_naive(v) for v in values]
+        columns[column] = pa.array(values, ARROW_TYPES[kind])
+    return pa.table(columns)
+
+
+def _utc_naive(value: datetime | None) -> datetime | None:
+    """Timestamps are stored as naive UTC; convert aware ones, keep naive ones as they are."""
+    if value is None or value.tzinfo is None:
+        return value
+    return value.astimezone(timezone.utc).replace(tzinfo=None)

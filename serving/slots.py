@@ -1,0 +1,183 @@
+"""The models one replica serves, and how it follows the registry without a redeploy.
+
+Each served model has a primary version (whatever its alias points at), optionally a canary
+version with a share of traffic, and optionally a shadow version that is scored on the side.
+The registry is the source of truth: every replica re-reads the alias and the model's traffic
+file every `refresh_s` (and at once on an admin call or a `reconfigure`), loads a new version
+off the event loop, warms it up and only then swaps it in. Requests already holding the old
+version finish with it, so an alias move drops nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+from jobs.online import OnlineScorer
+
+from jobs.errors import BundleError
+from jobs.registry import Bundle, load_bundle, resolve
+from jobs.serve_config import CanaryConfig, ServedModelConfig
+from jobs.storage import Storage, join
+
+logger = logging.getLogger("ray.serve")
+TRAFFIC_FILE = "traffic.json"  # per model, beside its versions: canary and shadow at run time
+
+
+@dataclass(frozen=True)
+class RegistryLoader:
+    """Loads bundles from the registry; injected so tests can hand in their own."""
+
+    storage: Storage
+    registry_uri: str
+
+    def resolve(self, name: str, ref: str) -> int:
+        return resolve(self.storage, self.registry_uri, name, ref)
+
+    def load(self, name: str, version: int) -> Bundle:
+        return load_bundle(self.storage, self.registry_uri, name, version)
+
+    def traffic(self, name: str) -> dict | None:
+        uri = join(self.registry_uri, name, TRAFFIC_FILE)
+        return self.storage.read_json(uri) if self.storage.exists(uri) else None
+
+    def set_traffic(self, name: str, traffic: dict) -> None:
+        self.storage.write_json(join(self.registry_uri, name, TRAFFIC_FILE), traffic)
+
+
+@dataclass
+class Loaded:
+    """One loaded version: the bundle, its compiled scorer and its monitor."""
+
+    bundle: Bundle
+    scorer: OnlineScorer
+    monitor: object | None = None
+
+    @property
+    def version(self) -> int:
+        return self.bundle.version
+
+
+def compile_bundle(bundle: Bundle) -> Loaded:
+    """Compiles and warms a bundle up so its first request is not the slow one."""
+    bundle.booster.set_param({"nthread": 1})  # one core per replica; threads only contend
+    scorer = OnlineScorer.from_bundle(bundle)
+    scorer.score([{}])  # exercises validation and the feature path
+    bundle.booster.inplace_predict(np.zeros((1, bundle.booster.num_features()), np.float32))
+    return Loaded(bundle, scorer)
+
+
+@dataclass
+class ServedModel:
+    config: ServedModelConfig
+    primary: Loaded
+    canary: Loaded | None = None
+    canary_weight: float = 0.0
+    shadow: Loaded | None = None
+    cache: dict[int, Loaded] = field(default_factory=dict)
+
+    def pick(self) -> Loaded:
+        if self.canary is not None and random.random() < self.canary_weight:
+            return self.canary
+        return self.primary
+
+    def describe(self) -> dict:
+        primary_share = 1.0 - (self.canary_weight if self.canary else 0.0)
+        return {
+            "name": self.config.name,
+            "alias": self.config.alias,
+            "version": self.primary.version,
+            "task": self.primary.bundle.spec.task,
+            "threshold": self.primary.bundle.threshold,
+            "traffic": {
+                str(self.primary.version): primary_share,
+                **({str(self.canary.version): self.canary_weight} if self.canary else {}),
+            },
+            "shadow": self.shadow.version if self.shadow else None,
+        }
+
+
+class ModelTable:
+    """name -> ServedModel for one replica, kept in step with the registry."""
+
+    def __init__(self, loader: RegistryLoader, configs: list[ServedModelConfig], on_load=None):
+        self.loader, self.configs, self.on_load = loader, configs, on_load
+        self.models: dict[str, ServedModel] = {}
+        self._lock = asyncio.Lock()
+
+    @property
+    def default(self) -> str:
+        return self.configs[0].name
+
+    def get(self, name: str) -> ServedModel | None:
+        return self.models.get(name)
+
+    def _load(self, name: str, version: int, cache: dict[int, Loaded]) -> Loaded:
+        if version not in cache:
+            loaded = compile_bundle(self.loader.load(name, version))
+            if self.on_load is not None:
+                self.on_load(loaded)
+            cache[version] = loaded
+        return cache[version]
+
+    def _target(self, config: ServedModelConfig) -> tuple[int, CanaryConfig | None, str | None]:
+        """(primary version, canary, shadow ref): the traffic file overrides the config."""
+        traffic = self.loader.traffic(config.name)
+        canary, shadow = config.canary, config.shadow
+        if traffic is not None:
+            canary = CanaryConfig(**traffic["canary"]) if traffic.get("canary") else None
+            shadow = traffic.get("shadow")
+        return self.loader.resolve(config.name, config.alias), canary, shadow
+
+    def _sync_one(self, config: ServedModelConfig) -> ServedModel:
+        current = self.models.get(config.name)
+        cache = dict(current.cache) if current else {}
+        version, canary, shadow = self._target(config)
+        served = ServedModel(config, self._load(config.name, version, cache), cache=cache)
+        if canary is not None and canary.weight > 0:
+            served.canary = self._load(
+                config.name, self.loader.resolve(config.name, canary.ref), cache
+            )
+            served.canary_weight = canary.weight
+        if shadow:
+            served.shadow = self._load(config.name, self.loader.resolve(config.name, shadow), cache)
+        in_use = {served.primary.version}
+        in_use |= {v.version for v in (served.canary, served.shadow) if v is not None}
+        served.cache = {v: loaded for v, loaded in cache.items() if v in in_use}
+        return served
+
+    def sync(self) -> dict[str, ServedModel]:
+        """Blocking: loads what changed and returns the new table (not yet swapped in)."""
+        table = {}
+        for config in self.configs:
+            table[config.name] = self._sync_one(config)
+        return table
+
+    async def refresh(self, configs: list[ServedModelConfig] | None = None) -> list[str]:
+        """Re-reads the registry off the event loop, then swaps atomically; returns changes."""
+        async with self._lock:
+            if configs is not None:
+                self.configs = configs
+            before = {name: m.describe() for name, m in self.models.items()}
+            table = await asyncio.to_thread(self.sync)
+            self.models = table  # one assignment: a request sees the old table or the new
+            changes = [
+                f"{name}: {before.get(name)} -> {model.describe()}"
+                for name, model in table.items()
+                if before.get(name) != model.describe()
+            ]
+            for change in changes:
+                logger.info("rayline models: %s", change)
+            return changes
+
+    async def follow(self, every_s: float) -> None:
+        """Background task: keep following aliases and traffic; a failed read keeps serving."""
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                await self.refresh()
+            except (BundleError, OSError, ValueError) as error:
+                logger.warning("rayline models: refresh failed, still serving: %s", error)
