@@ -262,12 +262,13 @@ class OnlineScorer:
             self.derived.append((name, derived.kind, derived.columns))
         computed = {*features.derived, *features.time_features, *(HISTORY if self.history else [])}
         position = {name: i for i, name in enumerate(spec.feature_names)}
-        self.numeric = []
-        for name in [*features.numeric, *features.time_features]:
+        self.numeric = [*features.numeric, *features.time_features]
+        for name in self.numeric:
             if name not in computed and kinds[name] not in (*NUMBER, "bool"):
                 raise ValueError(f"numeric feature {name!r} is not a number")
-            median = spec.medians.get(name, 0.0)
-            self.numeric.append((position[name], name, median, name in features.log_transform))
+        self.numeric_positions = [position[name] for name in self.numeric]
+        self.medians = np.array([[spec.medians.get(name, 0.0)] for name in self.numeric])
+        self.logs = [i for i, name in enumerate(self.numeric) if name in features.log_transform]
         self.categorical = []
         for name in features.categorical:
             if name in computed or kinds[name] not in ("string", "int64", "bool"):
@@ -297,10 +298,14 @@ class OnlineScorer:
         """Scores as `jobs.scoring.model_scores` returns them (binary: calibrated (n,),
         multiclass (n, k), regression (n,)); rows with a reason get NaN."""
         matrix, reasons = self.features(records)
+        return self.scores_for(matrix, reasons), reasons
+
+    def scores_for(self, matrix: np.ndarray, reasons: list[str | None]) -> np.ndarray:
+        """The model's scores for a feature matrix from `features` (NaN where a reason is)."""
         scores = model_scores(self.bundle.booster, matrix, self.spec.task, self.calibration)
         invalid = np.array([reason is not None for reason in reasons], dtype=bool)
         mask = invalid.reshape(-1, *([1] * (scores.ndim - 1)))
-        return np.where(mask, np.nan, scores), reasons  # as `score_records` (same dtype)
+        return np.where(mask, np.nan, scores)  # as `score_records` (same dtype)
 
     def _features(self, records: list[dict]) -> tuple[np.ndarray, list[str | None]]:
         n = len(records)
@@ -394,13 +399,15 @@ class OnlineScorer:
     def _matrix(self, n: int, cols: dict, nums: dict) -> np.ndarray:
         """`transform` + `feature_matrix`: impute, log1p, encode, cast to float32 last."""
         matrix = np.empty((n, len(self.spec.feature_names)), dtype=np.float32)
-        for position, name, median, log in self.numeric:
-            value = nums[name] if name in nums else _floats(cols[name])
-            value = np.where(np.isnan(value), median, value)
-            if log:  # math.log1p is libm's, as Arrow's; numpy's SIMD log1p differs in ulps
-                value = np.maximum(value, 0.0) + 0.0  # Arrow's max(-0.0, 0.0) is +0.0
-                value = np.fromiter(map(math.log1p, value.tolist()), np.float64, n)
-            matrix[:, position] = value
+        values = np.empty((len(self.numeric), n))  # one row per numeric feature
+        for row, name in enumerate(self.numeric):
+            values[row] = nums[name] if name in nums else _floats(cols[name])
+        values = np.where(np.isnan(values), self.medians, values)
+        if self.logs:  # math.log1p is libm's, as Arrow's; numpy's SIMD log1p differs in ulps
+            logged = np.maximum(values[self.logs], 0.0) + 0.0  # Arrow's max(-0.0, 0) is +0.0
+            flat = np.fromiter(map(math.log1p, logged.ravel().tolist()), np.float64, logged.size)
+            values[self.logs] = flat.reshape(logged.shape)
+        matrix[:, self.numeric_positions] = values.T
         for position, name, kind, index, known in self.categorical:
             values = cols[name]
             if kind == "int64":

@@ -31,6 +31,7 @@ from jobs.scoring import predictions as to_predictions
 from jobs.serve_config import CanaryConfig, ServedModelConfig
 from jobs.storage import Storage, join
 from serving.auth import Authenticator, AuthFailure
+from serving.monitoring import Monitor, count_request, sample_uri
 from serving.schema import (
     BadRequest,
     error_detail,
@@ -95,6 +96,7 @@ def build_app(config: Config, loader: RegistryLoader | None = None):
     for model in serve_cfg.models[1:]:
         loader.resolve(model.name, model.alias)
     body_model = request_model(spec, serve_cfg.max_records_per_request)
+    samples = sample_uri(config.storage, serve_cfg.monitoring)
     openapi_extra = openapi_body(body_model)
     api = FastAPI(title="rayline", description="Scores raw records with registered models.")
     api.add_exception_handler(RequestValidationError, validation_error)
@@ -129,7 +131,9 @@ def build_app(config: Config, loader: RegistryLoader | None = None):
     class Ingress:
         def __init__(self, registry: RegistryLoader, auth: Authenticator):
             self.auth = auth
-            self.table = ModelTable(registry, serve_cfg.models)
+            self.table = ModelTable(
+                registry, serve_cfg.models, on_load=self._monitor, on_drop=self._unmonitor
+            )
             self.registry = registry
             self.ready = False
             self.follower: asyncio.Task | None = None
@@ -143,6 +147,29 @@ def build_app(config: Config, loader: RegistryLoader | None = None):
                 self.follower = asyncio.get_running_loop().create_task(
                     self.table.follow(serve_cfg.refresh_s)
                 )
+
+        def _monitor(self, loaded: Loaded) -> None:
+            bundle = loaded.bundle
+            loaded.monitor = Monitor(
+                bundle.name,
+                bundle.version,
+                bundle.reference,
+                serve_cfg.monitoring,
+                self.registry.storage,
+                samples,
+                task=bundle.spec.task,
+                feature_names=bundle.spec.feature_names,
+            )
+
+        @staticmethod
+        def _unmonitor(loaded: Loaded) -> None:
+            if loaded.monitor is not None:
+                loaded.monitor.close()
+
+        def __del__(self) -> None:
+            for model in self.table.models.values():
+                for loaded in model.cache.values():
+                    self._unmonitor(loaded)
 
         def check_health(self) -> None:
             if not self.ready:
@@ -162,11 +189,13 @@ def build_app(config: Config, loader: RegistryLoader | None = None):
             for indexes in groups.values():
                 loaded = items[indexes[0]][0]
                 flat = [record for i in indexes for record in items[i][1]]
-                scores, reasons = loaded.scorer.score(flat)
+                matrix, reasons = loaded.scorer.features(flat)
+                scores = loaded.scorer.scores_for(matrix, reasons)
+                loaded.monitor.observe_batch(len(flat))
                 start = 0
                 for i in indexes:
                     end = start + len(items[i][1])
-                    results[i] = (scores[start:end], reasons[start:end])
+                    results[i] = (scores[start:end], reasons[start:end], matrix[start:end])
                     start = end
             return results
 
@@ -180,15 +209,20 @@ def build_app(config: Config, loader: RegistryLoader | None = None):
                     for start in range(0, len(records), size)
                 ]
             )
-            scores = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
-            return scores, [reason for part in parts for reason in part[1]]
+            if len(parts) == 1:
+                return parts[0]
+            scores, reasons, matrices = zip(*parts, strict=True)
+            flat = [reason for part in reasons for reason in part]
+            return np.concatenate(scores), flat, np.concatenate(matrices)
 
         async def _predict(self, request: Request, name: str | None) -> Response:
             started = time.perf_counter()
             # Serve's proxy (or HAProxy) has put the client's X-Request-Id, or a new one, on the
             # request and echoes it on the response; the body and the logs carry the same id.
             request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-            status, model_name, version = 500, name or self.table.default, None
+            status, model_name, loaded = 500, name or self.table.default, None
+            route = "/predict" if name is None else "/models/{name}/predict"
+            scores = matrix = records = predictions = None
             try:
                 self.auth.check(request.headers.get("authorization"), "predict")
                 served = self.table.get(model_name)
@@ -200,8 +234,7 @@ def build_app(config: Config, loader: RegistryLoader | None = None):
                 body = validate_body(body_model, data)
                 records = [r.model_dump() for r in body.records]
                 loaded = served.pick()
-                version = loaded.version
-                scores, reasons = await asyncio.wait_for(
+                scores, reasons, matrix = await asyncio.wait_for(
                     self._score(loaded, records), serve_cfg.request_timeout_s
                 )
                 errors = [
@@ -217,13 +250,13 @@ def build_app(config: Config, loader: RegistryLoader | None = None):
                     status = 422
                     return _json(422, {"detail": errors, "request_id": request_id}, request_id)
                 spec = loaded.bundle.spec
+                threshold = loaded.bundle.threshold
+                predictions = to_predictions(scores, spec.task, threshold, spec.classes)
                 payload = {
                     "model": model_name,
-                    "version": version,
+                    "version": loaded.version,
                     "request_id": request_id,
-                    "predictions": to_predictions(
-                        scores, spec.task, loaded.bundle.threshold, spec.classes
-                    ),
+                    "predictions": predictions,
                 }
                 if served.shadow is not None and served.shadow is not loaded:
                     asyncio.get_running_loop().create_task(
@@ -245,14 +278,23 @@ def build_app(config: Config, loader: RegistryLoader | None = None):
                 status = 504
                 return _error(504, f"scoring took over {serve_cfg.request_timeout_s} s", request_id)
             finally:
+                seconds = time.perf_counter() - started
+                if loaded is None:  # refused before a model was picked: bounded labels only
+                    known = self.table.get(model_name) is not None
+                    count_request(model_name if known else "", "", route, status, seconds)
+                else:
+                    loaded.monitor.observe(
+                        route, status, seconds, matrix if status == 200 else None,
+                        scores if status == 200 else None, request_id, records, predictions,
+                    )  # fmt: skip
                 logger.info(
                     "predict",
                     extra={
                         "rayline_request_id": request_id,
                         "model": model_name,
-                        "version": version,
+                        "version": loaded.version if loaded else None,
                         "status": status,
-                        "latency_ms": round((time.perf_counter() - started) * 1000, 3),
+                        "latency_ms": round(seconds * 1000, 3),
                     },
                 )
 

@@ -16,9 +16,9 @@ import random
 from dataclasses import dataclass, field
 
 import numpy as np
-from jobs.online import OnlineScorer
 
 from jobs.errors import BundleError
+from jobs.online import OnlineScorer
 from jobs.registry import Bundle, load_bundle, resolve
 from jobs.serve_config import CanaryConfig, ServedModelConfig
 from jobs.storage import Storage, join
@@ -103,10 +103,14 @@ class ServedModel:
 class ModelTable:
     """name -> ServedModel for one replica, kept in step with the registry."""
 
-    def __init__(self, loader: RegistryLoader, configs: list[ServedModelConfig], on_load=None):
-        self.loader, self.configs, self.on_load = loader, configs, on_load
+    def __init__(
+        self, loader: RegistryLoader, configs: list[ServedModelConfig], on_load=None, on_drop=None
+    ):
+        self.loader, self.configs = loader, configs
+        self.on_load, self.on_drop = on_load, on_drop  # e.g. start / stop a version's monitor
         self.models: dict[str, ServedModel] = {}
         self._lock = asyncio.Lock()
+        self._dropped: list[Loaded] = []
 
     @property
     def default(self) -> str:
@@ -147,6 +151,7 @@ class ModelTable:
         in_use = {served.primary.version}
         in_use |= {v.version for v in (served.canary, served.shadow) if v is not None}
         served.cache = {v: loaded for v, loaded in cache.items() if v in in_use}
+        self._dropped += [loaded for v, loaded in cache.items() if v not in in_use]
         return served
 
     def sync(self) -> dict[str, ServedModel]:
@@ -164,6 +169,10 @@ class ModelTable:
             before = {name: m.describe() for name, m in self.models.items()}
             table = await asyncio.to_thread(self.sync)
             self.models = table  # one assignment: a request sees the old table or the new
+            dropped, self._dropped = self._dropped, []
+            if self.on_drop is not None:
+                for loaded in dropped:  # after in-flight requests: they hold their own copy
+                    await asyncio.to_thread(self.on_drop, loaded)
             changes = [
                 f"{name}: {before.get(name)} -> {model.describe()}"
                 for name, model in table.items()
