@@ -81,6 +81,21 @@ def post(url: str, body, headers=PREDICT_HEADERS, path="/predict", raw: bool = F
     return requests.post(f"{url}{path}", data=data, headers={**JSON, **headers}, timeout=TIMEOUT)
 
 
+def replica_log(field: str, value) -> list[dict]:
+    """JSON log records of the app's replicas (Ray's session log folder) where field == value."""
+    import ray
+
+    folder = Path(ray._private.worker._global_node.get_logs_dir_path(), "serve")
+    found = []
+    for path in folder.glob("replica_rayline_Ingress_*.log"):
+        for line in path.read_text(errors="replace").splitlines():
+            if line.startswith("{") and f'"{field}"' in line:
+                record = json.loads(line)
+                if record.get(field) == value:
+                    found.append(record)
+    return found
+
+
 def versions_of(responses) -> Counter:
     return Counter(r.json()["version"] for r in responses if r.status_code == 200)
 
@@ -117,6 +132,10 @@ def test_request_id_is_echoed_or_made(api, records):
     assert made.json()["request_id"] != post(url, {"records": records[:1]}).json()["request_id"]
     refused = post(url, {"records": []}, headers={**PREDICT_HEADERS, "X-Request-Id": "bad-1"})
     assert refused.status_code == 422 and refused.json()["request_id"] == "bad-1"
+    wait_for(lambda: replica_log("rayline_request_id", "abc-1"))  # JSON lines, with the id
+    [logged] = replica_log("rayline_request_id", "abc-1")
+    assert (logged["model"], logged["version"], logged["status"]) == ("fraud", 1, 200)
+    assert PREDICT_HEADERS["Authorization"].split()[1] not in json.dumps(logged)
 
 
 @pytest.mark.parametrize("count", [65, 1000])
@@ -291,6 +310,11 @@ def test_canary_split_and_shadow_change_at_run_time(api, records):
     models = requests.get(f"{url}/models", headers=PREDICT_HEADERS, timeout=TIMEOUT).json()
     assert models["models"][0]["shadow"] == 3
     assert models["models"][0]["traffic"] == {"1": 1.0}
+    shadowed = post(url, body, headers={**PREDICT_HEADERS, "X-Request-Id": "shadowed-1"})
+    assert shadowed.json()["version"] == 1
+    wait_for(lambda: replica_log("rayline_request_id", "shadowed-1") and any(
+        r.get("shadow_version") == 3 for r in replica_log("rayline_request_id", "shadowed-1")
+    ))  # fmt: skip
     assert put_traffic(url, {}).status_code == 200
 
 
