@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CONFIG ?= configs/fraud.yaml
 
-.PHONY: install demo test test-fast serve lint format bench-preprocess bench-train bench-tune bench-serve clean
+.PHONY: install demo test test-fast serve lint format bench-preprocess bench-train bench-tune bench-online bench-serve clean
 
 install: $(VENV)/.installed
 
@@ -42,6 +42,9 @@ bench-train: install
 
 bench-tune: install
 	$(PY) -m benchmarks.tune
+
+bench-online: install  ## compiled online scorer vs the batch path (needs `make demo`)
+	$(PY) -m benchmarks.online --config $(CONFIG)
 
 bench-serve: install  ## Serve endpoint vs bare FastAPI + uvicorn over HTTP (needs `make demo`, wrk)
 	$(PY) -m benchmarks.serve --config $(CONFIG)

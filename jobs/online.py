@@ -9,8 +9,8 @@ bitwise equal, so the scores are too, and every row gets the same reason string.
 Where Arrow and Python disagree the compiled path steps aside rather than guess: a batch with a
 value it cannot mirror exactly (an int beyond 2**53, which Arrow refuses to cast; a datetime
 subclass; a string that is not valid UTF-8; a join key that appears twice in a lookup, which
-the batch path reports as an error) goes through the Arrow path, and so does every batch of a
-bundle whose spec uses a combination not compiled here (`OnlineScorer.arrow_only` says why).
+the batch path reports as an error; any error at all) goes through the Arrow path, and so does
+every batch of a bundle whose spec uses a combination not compiled here (`arrow_only` says why).
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ def records_table(records: list[dict], spec) -> pa.Table:
 
 
 def _utc_naive(value: datetime | None) -> datetime | None:
+    """Timestamps are stored as naive UTC; convert aware ones, keep naive ones as they are."""
     if value is None or value.tzinfo is None:
         return value
     return value.astimezone(timezone.utc).replace(tzinfo=None)
@@ -286,7 +287,7 @@ class OnlineScorer:
         if self.arrow_only is None:
             try:
                 return self._features(records)
-            except _Fallback:
+            except Exception:  # _Fallback, or anything not mirrored: the reference decides
                 pass
         enriched, reasons = enrich(
             records_table(records, self.spec), self.spec, self.bundle.lookups

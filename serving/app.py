@@ -14,8 +14,9 @@ import typer
 from ray import serve
 
 from jobs.config import Config, load_config
+from jobs.online import records_table
 from serving.ingress import build_app
-from serving.schema import record_model, records_table
+from serving.schema import record_model
 from serving.slots import RegistryLoader
 
 __all__ = ["app_builder", "build_app", "deploy", "record_model", "records_table"]

@@ -9,10 +9,9 @@ parsing. OpenAPI at /docs still shows the exact record fields (`openapi_componen
 from __future__ import annotations
 
 import json
-from datetime import date, datetime, timezone
+from datetime import date, datetime
 from typing import Annotated, Any
 
-import pyarrow as pa
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -28,7 +27,6 @@ from pydantic import (
 )
 
 from jobs.featurespec import FeatureSpec, online_source
-from jobs.validate import ARROW_TYPES
 
 PYTHON_TYPES = {
     # Strict: `true` is not an id or a number, and "5" is not an integer (422, naming the
@@ -126,24 +124,3 @@ def openapi_body(model: type[BaseModel]) -> dict:
     (registered in OpenAPI's components by the app's GET /schema route)."""
     ref = {"$ref": f"#/components/schemas/{model.__name__}"}
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
-
-
-def records_table(records: list[dict], spec: FeatureSpec) -> pa.Table:
-    """Records as the Arrow table the batch path (`jobs.predict.score_records`) takes."""
-    source = online_source(spec.source, spec.features.label)
-    columns = {}
-    for column, kind in source.types.items():
-        values = [record.get(column) for record in records]
-        if kind == "string":
-            values = [None if v is None else str(v) for v in values]
-        elif kind == "timestamp":
-            values = [_utc_naive(v) for v in values]
-        columns[column] = pa.array(values, ARROW_TYPES[kind])
-    return pa.table(columns)
-
-
-def _utc_naive(value: datetime | None) -> datetime | None:
-    """Timestamps are stored as naive UTC; convert aware ones, keep naive ones as they are."""
-    if value is None or value.tzinfo is None:
-        return value
-    return value.astimezone(timezone.utc).replace(tzinfo=None)

@@ -195,15 +195,14 @@ def test_a_spec_not_compiled_goes_through_arrow():
     assert_parity(bundle, synthetic_records(200), scorer, compiled=False)
 
 
-def test_records_table_is_servings():
-    """The fallback builds the table exactly as serving builds it for `score_records`."""
-    serving = pytest.importorskip("serving.schema")
-    spec, records = synthetic_bundle().spec, synthetic_records(300)
-    theirs, ours = serving.records_table(records, spec), records_table(records, spec)
-    assert theirs.schema == ours.schema and repr(theirs.to_pylist()) == repr(ours.to_pylist())
+def test_records_table_stores_aware_timestamps_as_naive_utc():
+    """The one records -> Arrow conversion (serving's fallback and the batch parity tests)."""
     for hours in (-5, 0, 2, 14):
         aware = datetime(2026, 1, 5, 1, 3, 25, 999, tzinfo=timezone(timedelta(hours=hours)))
-        assert serving._utc_naive(aware) == online._utc_naive(aware)
+        expected = (aware - timedelta(hours=hours)).replace(tzinfo=None)
+        assert online._utc_naive(aware) == expected
+    naive = datetime(2026, 1, 5, 1, 3, 25)
+    assert online._utc_naive(naive) is naive and online._utc_naive(None) is None
 
 
 @pytest.fixture(scope="module")
