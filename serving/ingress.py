@@ -137,6 +137,7 @@ def build_app(config: Config, loader: RegistryLoader | None = None):
             self.registry = registry
             self.ready = False
             self.follower: asyncio.Task | None = None
+            self.background: set[asyncio.Task] = set()  # shadow scoring; kept until done
 
         async def reconfigure(self, user_config: dict) -> None:
             """Initial load and every `serve deploy` with new models/aliases/traffic."""
@@ -167,7 +168,8 @@ def build_app(config: Config, loader: RegistryLoader | None = None):
                 loaded.monitor.close()
 
         def __del__(self) -> None:
-            for model in self.table.models.values():
+            table = getattr(self, "table", None)  # absent if the constructor failed
+            for model in table.models.values() if table else []:
                 for loaded in model.cache.values():
                     self._unmonitor(loaded)
 
@@ -259,9 +261,11 @@ def build_app(config: Config, loader: RegistryLoader | None = None):
                     "predictions": predictions,
                 }
                 if served.shadow is not None and served.shadow is not loaded:
-                    asyncio.get_running_loop().create_task(
+                    task = asyncio.get_running_loop().create_task(
                         self._shadow(served.shadow, records, scores, request_id, model_name)
                     )
+                    self.background.add(task)
+                    task.add_done_callback(self.background.discard)
                 status = 200
                 return _json(200, payload, request_id)
             except AuthFailure as failure:

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from jobs.errors import BundleError
 from jobs.online import OnlineScorer
 from jobs.registry import Bundle, load_bundle, resolve
 from jobs.serve_config import CanaryConfig, ServedModelConfig
@@ -188,5 +187,5 @@ class ModelTable:
             await asyncio.sleep(every_s)
             try:
                 await self.refresh()
-            except (BundleError, OSError, ValueError) as error:
-                logger.warning("rayline models: refresh failed, still serving: %s", error)
+            except Exception as error:  # noqa: BLE001  the follower must outlive any bad read
+                logger.warning("rayline models: refresh failed, still serving: %r", error)
