@@ -186,7 +186,7 @@ def publish(
 
 def resolve(storage: Storage, registry_uri: str, name: str, ref: str | int) -> int:
     """A version number from a version or an alias name."""
-    if isinstance(ref, int) or str(ref).isdigit():
+    if isinstance(ref, int) or (str(ref).isascii() and str(ref).isdigit()):
         return int(ref)
     pointer = get_alias(storage, registry_uri, name, str(ref))
     if pointer is None:

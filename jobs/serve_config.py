@@ -60,10 +60,10 @@ class ServeConfig(Strict):
     batch_wait_timeout_s: float = Field(0.002, ge=0)
     max_records_per_request: int = Field(1000, ge=1)
     max_body_bytes: int = Field(1_000_000, ge=1024, description="413 above this")
-    request_timeout_s: float = Field(30.0, gt=0, description="504 after this")
-    max_ongoing_requests: int = Field(128, ge=1, description="per replica, in flight")
+    request_timeout_s: float = Field(30.0, gt=0, description="the proxy answers 408 after this")
+    max_ongoing_requests: int = Field(64, ge=1, description="per replica, in flight")
     max_queued_requests: int = Field(
-        512, ge=-1, description="queued beyond that, then 503 with Retry-After (-1: no cap)"
+        64, ge=-1, description="queued beyond that, then 503 with Retry-After (-1: no cap)"
     )
     replica_cpus: float = Field(1.0, gt=0, description="CPUs reserved per Serve replica")
     replica_resources: dict[str, float] = Field(

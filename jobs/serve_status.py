@@ -10,6 +10,7 @@ app runs on, which the user points it at.
 from __future__ import annotations
 
 import os
+import socket
 from typing import Annotated
 
 import requests
@@ -23,12 +24,31 @@ from jobs.summary import console
 app = typer.Typer(help="Inspect the running Serve app.", no_args_is_help=True)
 
 
+def reachable(address: str, timeout_s: float = 3.0) -> None:
+    """A GCS address `host:port` that answers, checked before Ray would retry for minutes."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ConfigError(f"--address {address!r} is not host:port (the cluster's GCS address)")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as error:
+        reason = error.strerror or error
+        raise RaylineError(f"no Ray cluster answers at {address}: {reason}") from None
+
+
 def replica_states(address: str, name: str = "rayline") -> list[dict]:
     """Deployments of the app with their status and replica counts, from Serve's controller."""
     import ray
     from ray import serve
 
-    ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    reachable(address)
+    try:
+        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    except Exception as error:  # noqa: BLE001  e.g. token auth without RAY_AUTH_MODE=token
+        raise RaylineError(
+            f"cannot join the Ray cluster at {address} ({type(error).__name__}); with token "
+            "auth set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH"
+        ) from None
     try:
         application = serve.status().applications.get(name)
         if application is None:

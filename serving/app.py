@@ -14,6 +14,7 @@ import typer
 from ray import serve
 
 from jobs.config import Config, load_config
+from jobs.errors import ConfigError
 from jobs.online import records_table
 from serving.ingress import build_app
 from serving.schema import record_model
@@ -24,8 +25,17 @@ LOGGING = {"log_level": "INFO", "encoding": "JSON", "enable_access_log": False}
 
 
 def app_builder(args: dict):
-    """Entry point for `serve run serving.app:app_builder config=configs/fraud.yaml`."""
-    return build_app(load_config(args["config"]))
+    """Entry point for `serve run serving.app:app_builder config=configs/fraud.yaml`.
+
+    `serve run`/`serve deploy` listen on the Serve config's host, which this cannot see, so the
+    local-demo switch that turns auth off is refused here."""
+    config = load_config(args["config"])
+    if config.serve.auth.local_demo_no_auth:
+        raise ConfigError(
+            "serve.auth.local_demo_no_auth is for `make serve`/the demo only, not `serve run` "
+            "or `serve deploy` (their host comes from the Serve config)"
+        )
+    return build_app(config)
 
 
 def deploy(config: Config, loader: RegistryLoader | None = None, wait_s: float = 120.0) -> str:

@@ -10,7 +10,6 @@ GET /healthz, GET /readyz (no token: probes).
 """
 
 import asyncio
-import json
 import logging
 import time
 import uuid
@@ -20,23 +19,27 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.config import AutoscalingConfig, BackpressureConfig
+from starlette.requests import ClientDisconnect
 
 from jobs.aliases import rollback
 from jobs.config import Config
 from jobs.errors import BundleError, RaylineError
 from jobs.scoring import predictions as to_predictions
-from jobs.serve_config import CanaryConfig, ServedModelConfig
+from jobs.serve_config import ServedModelConfig
 from jobs.storage import Storage, join
 from serving.auth import Authenticator, AuthFailure
 from serving.monitoring import Monitor, count_request, sample_uri
 from serving.schema import (
     BadRequest,
+    TrafficRequest,
     error_detail,
+    error_response,
+    json_response,
     openapi_body,
     parse_body,
+    read_limited,
     request_model,
     validate_body,
     validation_error,
@@ -45,38 +48,6 @@ from serving.slots import Loaded, ModelTable, RegistryLoader
 
 logger = logging.getLogger("ray.serve")
 AUTH_LOC = ["header", "authorization"]
-
-
-class TrafficRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    canary: CanaryConfig | None = None
-    shadow: str | None = Field(None, max_length=64)
-
-
-def _json(status: int, payload: dict, request_id: str, headers: dict | None = None) -> Response:
-    return Response(
-        json.dumps(payload), status_code=status, media_type="application/json", headers=headers
-    )
-
-
-def _error(status: int, message: str, request_id: str, loc: list | None = None) -> Response:
-    detail = [{"loc": loc or ["body"], "msg": message, "type": "request_error"}]
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return _json(status, {"detail": detail, "request_id": request_id}, request_id, headers)
-
-
-async def read_limited(request: Request, limit: int) -> bytes:
-    """The body, or 413 as soon as it is known to exceed `limit` (header or stream)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > limit):
-        raise BadRequest(413, f"body larger than {limit} bytes", ["header", "content-length"])
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BadRequest(413, f"body larger than {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def records_in(items: list[tuple[Loaded, list[dict]]]) -> int:
@@ -91,11 +62,16 @@ def build_app(config: Config, loader: RegistryLoader | None = None):
     # Fail before Ray starts: tokens configured, every model's alias resolvable. Replicas get
     # the tokens' digests, never the tokens, so they need no secret env on their nodes.
     authenticator = Authenticator.from_config(serve_cfg.auth)
-    first = serve_cfg.models[0]
-    spec = loader.load(first.name, loader.resolve(first.name, first.alias)).spec
-    for model in serve_cfg.models[1:]:
-        loader.resolve(model.name, model.alias)
-    body_model = request_model(spec, serve_cfg.max_records_per_request)
+    # Each model's request schema comes from the version its alias points at now; a version
+    # with a different record schema needs a redeploy (the schema is the API's contract).
+    body_models = {
+        model.name: request_model(
+            loader.load(model.name, loader.resolve(model.name, model.alias)).spec,
+            serve_cfg.max_records_per_request,
+        )
+        for model in serve_cfg.models
+    }
+    body_model = body_models[serve_cfg.models[0].name]
     samples = sample_uri(config.storage, serve_cfg.monitoring)
     openapi_extra = openapi_body(body_model)
     api = FastAPI(title="rayline", description="Scores raw records with registered models.")
@@ -189,17 +165,28 @@ def build_app(config: Config, loader: RegistryLoader | None = None):
             for index, (loaded, _) in enumerate(items):
                 groups.setdefault(id(loaded), []).append(index)
             for indexes in groups.values():
-                loaded = items[indexes[0]][0]
-                flat = [record for i in indexes for record in items[i][1]]
-                matrix, reasons = loaded.scorer.features(flat)
-                scores = loaded.scorer.scores_for(matrix, reasons)
-                loaded.monitor.observe_batch(len(flat))
-                start = 0
-                for i in indexes:
-                    end = start + len(items[i][1])
-                    results[i] = (scores[start:end], reasons[start:end], matrix[start:end])
-                    start = end
+                try:
+                    self._score_group(items, indexes, results)
+                except Exception:  # noqa: BLE001  one request's failure stays its own
+                    for index in indexes:
+                        try:
+                            self._score_group(items, [index], results)
+                        except Exception as error:  # noqa: BLE001
+                            results[index] = error
             return results
+
+        @staticmethod
+        def _score_group(items: list, indexes: list[int], results: list) -> None:
+            loaded = items[indexes[0]][0]
+            flat = [record for i in indexes for record in items[i][1]]
+            matrix, reasons = loaded.scorer.features(flat)
+            scores = loaded.scorer.scores_for(matrix, reasons)
+            loaded.monitor.observe_batch(len(flat))
+            start = 0
+            for i in indexes:
+                end = start + len(items[i][1])
+                results[i] = (scores[start:end], reasons[start:end], matrix[start:end])
+                start = end
 
         async def _score(self, loaded: Loaded, records: list[dict]):
             # @serve.batch refuses one call larger than max_batch_size (Serve 2.60 raises), so a
@@ -211,6 +198,9 @@ def build_app(config: Config, loader: RegistryLoader | None = None):
                     for start in range(0, len(records), size)
                 ]
             )
+            for part in parts:
+                if isinstance(part, Exception):
+                    raise part
             if len(parts) == 1:
                 return parts[0]
             scores, reasons, matrices = zip(*parts, strict=True)
@@ -230,10 +220,11 @@ def build_app(config: Config, loader: RegistryLoader | None = None):
                 served = self.table.get(model_name)
                 if served is None:
                     status = 404
-                    return _error(404, f"no model named {model_name!r}", request_id, ["path"])
+                    message = f"no model named {model_name!r}"
+                    return error_response(404, message, request_id, ["path"])
                 raw = await read_limited(request, serve_cfg.max_body_bytes)
                 data = parse_body(raw, request.headers.get("content-type"))
-                body = validate_body(body_model, data)
+                body = validate_body(body_models[model_name], data)
                 records = [r.model_dump() for r in body.records]
                 loaded = served.pick()
                 scores, reasons, matrix = await asyncio.wait_for(
@@ -250,7 +241,8 @@ def build_app(config: Config, loader: RegistryLoader | None = None):
                 ]
                 if errors:
                     status = 422
-                    return _json(422, {"detail": errors, "request_id": request_id}, request_id)
+                    detail = error_detail(errors)
+                    return json_response(422, {"detail": detail, "request_id": request_id})
                 spec = loaded.bundle.spec
                 threshold = loaded.bundle.threshold
                 predictions = to_predictions(scores, spec.task, threshold, spec.classes)
@@ -267,20 +259,24 @@ def build_app(config: Config, loader: RegistryLoader | None = None):
                     self.background.add(task)
                     task.add_done_callback(self.background.discard)
                 status = 200
-                return _json(200, payload, request_id)
+                return json_response(200, payload)
             except AuthFailure as failure:
                 status = failure.status
-                return _error(failure.status, failure.message, request_id, AUTH_LOC)
+                return error_response(failure.status, failure.message, request_id, AUTH_LOC)
             except BadRequest as bad:
                 status = bad.status
-                return _error(bad.status, bad.message, request_id, bad.loc)
+                return error_response(bad.status, bad.message, request_id, bad.loc)
             except RequestValidationError as invalid:
                 status = 422
                 detail = error_detail(invalid.errors())
-                return _json(422, {"detail": detail, "request_id": request_id}, request_id)
+                return json_response(422, {"detail": detail, "request_id": request_id})
             except TimeoutError:
                 status = 504
-                return _error(504, f"scoring took over {serve_cfg.request_timeout_s} s", request_id)
+                message = f"scoring took over {serve_cfg.request_timeout_s} s"
+                return error_response(504, message, request_id)
+            except (ClientDisconnect, asyncio.CancelledError):
+                status = 499  # the client went away: not a server error, nothing to answer
+                raise
             finally:
                 seconds = time.perf_counter() - started
                 if loaded is None:  # refused before a model was picked: bounded labels only
@@ -353,20 +349,25 @@ def build_app(config: Config, loader: RegistryLoader | None = None):
             return {"default": self.table.default, "models": self._describe()}
 
         async def _guarded(self, request: Request, scope: str, name: str | None, action):
-            request_id = uuid.uuid4().hex
+            request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
             try:
                 self._admin(request, scope)
                 if name is not None and self.table.get(name) is None:
-                    return _error(404, f"no model named {name!r}", request_id, ["path"])
-                return _json(200, await action(name), request_id)
+                    return error_response(404, f"no model named {name!r}", request_id, ["path"])
+                return json_response(200, await action(name))
             except AuthFailure as failure:
-                return _error(failure.status, failure.message, request_id, AUTH_LOC)
+                return error_response(failure.status, failure.message, request_id, AUTH_LOC)
             except BadRequest as bad:
-                return _error(bad.status, bad.message, request_id, bad.loc)
+                return error_response(bad.status, bad.message, request_id, bad.loc)
             except RequestValidationError as invalid:
-                return _json(422, {"detail": error_detail(invalid.errors())}, request_id)
+                detail = error_detail(invalid.errors())
+                return json_response(422, {"detail": detail, "request_id": request_id})
             except (BundleError, RaylineError) as error:
-                return _error(409, str(error), request_id)
+                return error_response(409, str(error), request_id)
+            except Exception as error:  # noqa: BLE001  e.g. a bundle that does not parse
+                logger.error("rayline admin: %r", error)
+                message = f"{type(error).__name__}: {str(error)[:200]}"
+                return error_response(409, message, request_id)
 
         @api.post("/admin/models/{name}/reload")
         async def reload(self, name: str, request: Request) -> Response:
@@ -396,8 +397,9 @@ def build_app(config: Config, loader: RegistryLoader | None = None):
                     TrafficRequest, parse_body(raw, request.headers.get("content-type"))
                 )
                 for ref in [wanted.canary.ref if wanted.canary else None, wanted.shadow]:
-                    if ref:  # a bad ref is refused before anything is written
-                        await asyncio.to_thread(self.registry.resolve, model, ref)
+                    if ref:  # a version that does not load is refused before anything is written
+                        version = await asyncio.to_thread(self.registry.resolve, model, ref)
+                        await asyncio.to_thread(self.registry.load, model, version)
                 await asyncio.to_thread(
                     self.registry.set_traffic, model, wanted.model_dump(mode="json")
                 )

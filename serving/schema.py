@@ -9,13 +9,14 @@ parsing. OpenAPI at /docs still shows the exact record fields (`openapi_componen
 from __future__ import annotations
 
 import json
-from datetime import date, datetime
+from datetime import date, datetime, timezone
 from typing import Annotated, Any
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -28,16 +29,29 @@ from pydantic import (
 
 from jobs.featurespec import FeatureSpec, online_source
 
+
+def _utc(value: datetime) -> datetime:
+    """Aware timestamps become naive UTC here, so a date beyond year 9999 in UTC is a 422."""
+    if value.tzinfo is None:
+        return value
+    try:
+        return value.astimezone(timezone.utc).replace(tzinfo=None)
+    except OverflowError:
+        raise ValueError("timestamp is out of range once converted to UTC") from None
+
+
+EXACT = 2**53  # model inputs are floats: larger integers would not be what the model sees
 PYTHON_TYPES = {
     # Strict: `true` is not an id or a number, and "5" is not an integer (422, naming the
     # field). Ids often arrive as numbers; they are compared as strings.
-    "string": Annotated[StrictStr, Field(max_length=1000)] | StrictInt,
-    "int64": Annotated[int, Field(strict=True, ge=-(2**63), le=2**63 - 1)],
+    "string": Annotated[StrictStr, Field(max_length=1000)]
+    | Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)],
+    "int64": Annotated[int, Field(strict=True, ge=-EXACT, le=EXACT)],
     # NaN, ±Infinity and numbers too large for a double (which JSON parsing turns into
     # infinity) are 422, naming the field, never a score.
     "float64": Annotated[float, Field(allow_inf_nan=False, strict=True)],
     "bool": StrictBool,
-    "timestamp": datetime,
+    "timestamp": Annotated[datetime, AfterValidator(_utc)],
     "date": date,
 }
 
@@ -93,6 +107,8 @@ def parse_body(raw: bytes, content_type: str | None) -> Any:
         raise BadRequest(400, "body is not valid UTF-8") from None
     except RecursionError:
         raise BadRequest(400, "JSON nested too deeply") from None
+    except ValueError as error:  # e.g. an integer literal over Python's 4300-digit limit
+        raise BadRequest(400, f"malformed JSON: {str(error)[:120]}") from None
     except json.JSONDecodeError as error:
         raise BadRequest(400, f"malformed JSON: {error.msg} at position {error.pos}") from None
 
@@ -105,11 +121,23 @@ def validate_body(model: type[BaseModel], data: Any) -> BaseModel:
         raise RequestValidationError(errors) from None
 
 
+MAX_ERRORS = 20  # a 4 KB body of 1,000 bad records must not get a 300 KB answer
+
+
 def error_detail(errors: list[dict]) -> list[dict]:
-    return [
-        {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": e.get("type")}
-        for e in errors
+    """At most MAX_ERRORS entries; keys in `loc` and messages cut short (never the values)."""
+    detail = [
+        {
+            "loc": [part[:64] if isinstance(part, str) else part for part in e.get("loc", ())],
+            "msg": str(e.get("msg", ""))[:200],
+            "type": e.get("type"),
+        }
+        for e in errors[:MAX_ERRORS]
     ]
+    if len(errors) > MAX_ERRORS:
+        detail.append({"loc": ["body"], "msg": f"and {len(errors) - MAX_ERRORS} more errors",
+                       "type": "truncated"})  # fmt: skip
+    return detail
 
 
 async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
@@ -124,3 +152,44 @@ def openapi_body(model: type[BaseModel]) -> dict:
     (registered in OpenAPI's components by the app's GET /schema route)."""
     ref = {"$ref": f"#/components/schemas/{model.__name__}"}
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
+REF = r"^[A-Za-z0-9_.-]{1,64}$"  # an alias name or a version number, never a path
+
+
+class CanaryRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    ref: str = Field(pattern=REF)
+    weight: float = Field(ge=0, le=1)
+
+
+class TrafficRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    canary: CanaryRequest | None = None
+    shadow: str | None = Field(None, pattern=REF)
+
+
+def json_response(status: int, payload: dict, headers: dict | None = None) -> Response:
+    return Response(
+        json.dumps(payload), status_code=status, media_type="application/json", headers=headers
+    )
+
+
+def error_response(status: int, message: str, request_id: str, loc: list | None = None) -> Response:
+    detail = [{"loc": loc or ["body"], "msg": message, "type": "request_error"}]
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return json_response(status, {"detail": detail, "request_id": request_id}, headers)
+
+
+async def read_limited(request: Request, limit: int) -> bytes:
+    """The body, or 413 as soon as it is known to exceed `limit` (header or stream)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        raise BadRequest(413, f"body larger than {limit} bytes", ["header", "content-length"])
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BadRequest(413, f"body larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)

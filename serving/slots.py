@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from jobs.aliases import get_alias
+from jobs.errors import BundleError
 from jobs.online import OnlineScorer
 from jobs.registry import Bundle, load_bundle, resolve
 from jobs.serve_config import CanaryConfig, ServedModelConfig
@@ -35,6 +37,12 @@ class RegistryLoader:
 
     def resolve(self, name: str, ref: str) -> int:
         return resolve(self.storage, self.registry_uri, name, ref)
+
+    def fallbacks(self, name: str, alias: str) -> list[int]:
+        """The alias's earlier versions, newest first: what a fresh replica serves when the
+        version the alias points at cannot be loaded."""
+        pointer = get_alias(self.storage, self.registry_uri, name, alias) or {}
+        return [int(v) for v in reversed(pointer.get("history", []))]
 
     def load(self, name: str, version: int) -> Bundle:
         return load_bundle(self.storage, self.registry_uri, name, version)
@@ -77,6 +85,8 @@ class ServedModel:
     canary_weight: float = 0.0
     shadow: Loaded | None = None
     cache: dict[int, Loaded] = field(default_factory=dict)
+    wanted: int | None = None  # the version the alias points at (differs if it cannot load)
+    problems: list[str] = field(default_factory=list)
 
     def pick(self) -> Loaded:
         if self.canary is not None and random.random() < self.canary_weight:
@@ -96,6 +106,8 @@ class ServedModel:
                 **({str(self.canary.version): self.canary_weight} if self.canary else {}),
             },
             "shadow": self.shadow.version if self.shadow else None,
+            "alias_version": self.wanted,
+            "problems": self.problems,
         }
 
 
@@ -135,18 +147,37 @@ class ModelTable:
             shadow = traffic.get("shadow")
         return self.loader.resolve(config.name, config.alias), canary, shadow
 
+    def _try(self, name: str, ref: str, cache: dict, problems: list) -> Loaded | None:
+        """A version by ref, or None with the reason noted (a bad version never stops serving)."""
+        try:
+            return self._load(name, self.loader.resolve(name, ref), cache)
+        except Exception as error:  # noqa: BLE001  corrupt bundle, missing file, bad ref...
+            problems.append(f"{name} {ref}: cannot load: {error}"[:300])
+            logger.error("rayline models: %s", problems[-1])
+            return None
+
     def _sync_one(self, config: ServedModelConfig) -> ServedModel:
         current = self.models.get(config.name)
         cache = dict(current.cache) if current else {}
+        problems: list[str] = []
         version, canary, shadow = self._target(config)
-        served = ServedModel(config, self._load(config.name, version, cache), cache=cache)
+        primary = self._try(config.name, str(version), cache, problems)
+        if primary is None and current is not None:
+            primary = current.primary  # keep serving what works
+        for earlier in self.loader.fallbacks(config.name, config.alias) if not primary else []:
+            primary = self._try(config.name, str(earlier), cache, problems)
+            if primary is not None:
+                break
+        if primary is None:
+            raise BundleError(f"model {config.name!r}: no loadable version; {problems}")
+        served = ServedModel(config, primary, cache=cache, wanted=version, problems=problems)
         if canary is not None and canary.weight > 0:
-            served.canary = self._load(
-                config.name, self.loader.resolve(config.name, canary.ref), cache
-            )
-            served.canary_weight = canary.weight
+            served.canary = self._try(config.name, canary.ref, cache, problems)
+            served.canary_weight = canary.weight if served.canary else 0.0
         if shadow:
-            served.shadow = self._load(config.name, self.loader.resolve(config.name, shadow), cache)
+            served.shadow = self._try(config.name, shadow, cache, problems)
+        if served.canary is served.primary:  # a canary of the primary is no split
+            served.canary, served.canary_weight = None, 0.0
         in_use = {served.primary.version}
         in_use |= {v.version for v in (served.canary, served.shadow) if v is not None}
         served.cache = {v: loaded for v, loaded in cache.items() if v in in_use}

@@ -23,6 +23,7 @@ from jobs.aliases import get_alias, set_alias
 from jobs.registry import load_bundle, publish
 from jobs.storage import Storage
 from tests import test_serving
+from tests.bad_requests import corpus
 from tests.conftest import ADMIN_HEADERS, PREDICT_HEADERS, free_port
 
 pytestmark = pytest.mark.slow
@@ -153,91 +154,6 @@ def test_requests_larger_than_a_batch_answer_in_order(api, records, count):
 # ---------------------------------------------------------------- the bad-input corpus
 
 
-def corpus(record: dict) -> list[tuple[str, object, dict, int, str]]:
-    """(case, body (bytes: sent as is), extra headers, status, text the answer must contain)."""
-
-    def rec(**change) -> dict:
-        return {"records": [{**record, **change}]}
-
-    without_amount = {k: v for k, v in record.items() if k != "amount"}
-    dup_record = json.dumps({"records": [record]})[:-3] + ', "amount": 5}]}'
-    return [
-        ("malformed json", b'{"records": [', {}, 400, "malformed JSON"),
-        ("not json", b"hello", {}, 400, "malformed JSON"),
-        ("empty body", b"", {}, 400, "empty body"),
-        ("blank body", b"   \n", {}, 400, "empty body"),
-        (
-            "text/plain",
-            json.dumps(rec()).encode(),
-            {"Content-Type": "text/plain"},
-            415,
-            "Content-Type",
-        ),
-        (
-            "form",
-            b"records=1",
-            {"Content-Type": "application/x-www-form-urlencoded"},
-            415,
-            "Content-Type",
-        ),
-        ("no content type", json.dumps(rec()).encode(), {"Content-Type": ""}, 415, "Content-Type"),
-        ("top-level array", [], {}, 422, "body"),
-        ("top-level string", "records", {}, 422, "body"),
-        ("top-level null", None, {}, 422, "body"),
-        ("missing records", {}, {}, 422, "records"),
-        ("no records", {"records": []}, {}, 422, "records"),
-        ("records null", {"records": None}, {}, 422, "records"),
-        ("records object", {"records": {}}, {}, 422, "records"),
-        ("records string", {"records": "x"}, {}, 422, "records"),
-        ("record is a number", {"records": [1]}, {}, 422, "records"),
-        ("record is null", {"records": [None]}, {}, 422, "records"),
-        ("extra top-level field", {**rec(), "debug": True}, {}, 422, "debug"),
-        ("missing field", {"records": [without_amount]}, {}, 422, "amount"),
-        ("extra field", rec(favourite_colour="blue"), {}, 422, "favourite_colour"),
-        ("amount string", rec(amount="12.5"), {}, 422, "amount"),
-        ("amount bool", rec(amount=True), {}, 422, "amount"),
-        ("amount object", rec(amount={"value": 1}), {}, 422, "amount"),
-        ("amount NaN", json.dumps(rec(amount=float("nan"))).encode(), {}, 422, "amount"),
-        ("amount Infinity", json.dumps(rec(amount=float("inf"))).encode(), {}, 422, "amount"),
-        ("amount -Infinity", json.dumps(rec(amount=float("-inf"))).encode(), {}, 422, "amount"),
-        (
-            "amount 1e400",
-            json.dumps(rec(amount=1)).replace('"amount": 1', '"amount": 1e400').encode(),
-            {},
-            422,
-            "amount",
-        ),
-        ("amount huge", rec(amount=1e30), {}, 422, "amount"),
-        ("amount negative", rec(amount=-5.0), {}, 422, "amount"),
-        ("amount null", rec(amount=None), {}, 422, "amount"),
-        ("customer id list", rec(customer_id=[1, 2]), {}, 422, "customer_id"),
-        ("customer id object", rec(customer_id={"id": 1}), {}, 422, "customer_id"),
-        ("customer id bool", rec(customer_id=False), {}, 422, "customer_id"),
-        ("customer id 10k chars", rec(customer_id="c" * 10_000), {}, 422, "customer_id"),
-        ("customer id a float", rec(customer_id=4.5), {}, 422, "customer_id"),
-        ("customer id null", rec(customer_id=None), {}, 422, "customer_id"),
-        ("timestamp garbage", rec(timestamp="yesterday"), {}, 422, "timestamp"),
-        (
-            "timestamp missing",
-            {"records": [{k: v for k, v in record.items() if k != "timestamp"}]},
-            {},
-            422,
-            "timestamp",
-        ),
-        ("unknown currency", rec(currency="XXX"), {}, 422, "currency"),
-        ("unicode currency", rec(currency="€€€"), {}, 422, "currency"),
-        ("channel not allowed", rec(channel="fax"), {}, 422, "channel"),
-        ("1,001 records", {"records": [record] * 1001}, {}, 422, "records"),
-        ("over the size limit", {"records": [record] * 10_000}, {}, 413, "larger than"),
-        ("duplicate top-level key", b'{"records": [], "records": []}', {}, 400, "duplicate"),
-        ("duplicate record key", dup_record.encode(), {}, 400, "duplicate"),
-        ("nested too deep", b"[" * 100_000 + b"]" * 100_000, {}, 400, "deep"),
-        ("invalid utf-8", b'{"records": [{"channel": "\xff\xfe"}]}', {}, 400, "UTF-8"),
-        ("no token", rec(), {"Authorization": ""}, 401, "bearer"),
-        ("bad token", rec(), {"Authorization": "Bearer guess-guess-guess"}, 401, "invalid"),
-    ]
-
-
 def test_bad_input_corpus_is_all_4xx_naming_the_problem(api, records):
     _, url, _, _ = api
     cases = corpus(records[0])
@@ -256,6 +172,22 @@ def test_bad_input_corpus_is_all_4xx_naming_the_problem(api, records):
         assert response.status_code < 500, (case, response.text[:500])
     assert not failures, failures
     assert post(url, {"records": records[:1]}).status_code == 200  # still serving
+    many_bad = post(url, {"records": [{}] * 1000})  # the answer stays small
+    assert many_bad.status_code == 422 and len(many_bad.json()["detail"]) == 21
+    assert len(many_bad.content) < 10_000
+
+
+def test_named_model_route_schema_and_reload(api, records):
+    _, url, _, _ = api
+    named = post(url, {"records": records[:2]}, path="/models/fraud/predict")
+    assert named.status_code == 200 and len(named.json()["predictions"]) == 2
+    assert named.json()["predictions"] == post(url, {"records": records[:2]}).json()["predictions"]
+    schema = requests.get(f"{url}/schema", timeout=TIMEOUT).json()
+    assert schema["properties"]["records"]["maxItems"] == 1000
+    reloaded = requests.post(
+        f"{url}/admin/models/fraud/reload", headers=ADMIN_HEADERS, timeout=TIMEOUT
+    )
+    assert reloaded.status_code == 200 and reloaded.json()["model"]["version"] == 1
 
 
 def test_other_bad_routes_are_4xx(api, records):
@@ -407,6 +339,45 @@ def test_serve_status_shows_replicas_versions_and_traffic(api):
     )
     assert refused.returncode == 2
     assert refused.stderr.strip().count("\n") == 0 and "RAYLINE_TOKEN" in refused.stderr
+
+
+def test_a_version_that_cannot_load_is_never_served(api, records, pipeline_run):
+    """A corrupt version behind the alias: replicas keep serving, and so does a fresh one."""
+    import ray
+
+    config, url, storage, registry_uri = api
+    _, result = pipeline_run
+    first = load_bundle(storage, registry_uri, config.name, 1)
+    version = publish(
+        storage, registry_uri, config.name, result.run_uri, first.threshold, result.metrics,
+        first.lineage,
+    )  # fmt: skip
+    model_file = Path(registry_uri, config.name, "versions", f"{version:06d}", "model.ubj")
+    model_file.write_bytes(model_file.read_bytes()[:-10] + b"corrupted!")
+    shadow = put_traffic(url, {"shadow": str(version)})
+    assert shadow.status_code == 409 and "checksum" in shadow.text
+    assert put_traffic(url, {"shadow": "²"}).status_code == 422
+    assert put_traffic(url, {"shadow": "../aliases/production"}).status_code == 422
+    body = {"records": records[:1]}
+    with SteadyLoad(url, body, threads=2) as load:
+        set_alias(storage, registry_uri, config.name, "production", version, reason="broken")
+        time.sleep(3)
+        replica = next(
+            actor
+            for actor in ray.util.list_named_actors(all_namespaces=True)
+            if actor["name"].startswith("SERVE_REPLICA::rayline#Ingress")
+        )
+        ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]))
+        time.sleep(10)
+    assert {v for _, status, v in load.responses if status == 200} == {1}
+    failed = sum(1 for _, status, _ in load.responses if status != 200) + len(load.errors)
+    assert failed / max(len(load.responses), 1) < 0.01
+    models = requests.get(f"{url}/models", headers=PREDICT_HEADERS, timeout=TIMEOUT).json()
+    [model] = models["models"]
+    assert (model["version"], model["alias_version"]) == (1, version)
+    assert any("checksum" in problem for problem in model["problems"])
+    wait_for(lambda: versions_of([post(url, body) for _ in range(10)]) == Counter({1: 10}), 60)
+    set_alias(storage, registry_uri, config.name, "production", 1, reason="test cleanup")
 
 
 # ---------------------------------------------------------------- overload and failures

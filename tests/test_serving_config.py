@@ -118,3 +118,26 @@ def test_serving_without_tokens_is_one_line_exit_2(tmp_path):
     )
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and "RAYLINE_SERVE_TOKENS" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "address, message",
+    [("127.0.0.1:1", "no Ray cluster answers"), ("not a host", "not host:port")],
+)
+def test_serve_status_without_a_cluster_is_one_line(address, message):
+    done = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "serve", "status", "--config", "configs/fraud.yaml",
+         "--address", address],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2 and message in done.stderr
+    assert done.stderr.strip().count("\n") == 0
+
+
+def test_serve_run_refuses_the_no_auth_switch(tmp_path):
+    config = yaml.safe_load((ROOT / "configs" / "fraud.yaml").read_text())
+    config["serve"]["auth"]["local_demo_no_auth"] = True
+    path = tmp_path / "fraud.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ConfigError, match="not `serve run`"):
+        serving_app.app_builder({"config": str(path)})
