@@ -359,6 +359,24 @@ def load_config(path: str | Path, overrides: dict | None = None) -> Config:
     return parse_config(data, origin=str(path))
 
 
+def rebased(config: Config, root: str) -> Config:
+    """The config with its relative local URIs (storage, sources, serve sample URI) made
+    absolute under `root`: a job submitted with `--working-dir .` runs in a temporary copy of
+    the repo without data/ (gitignored), so `--root "$PWD"` points it back at the checkout."""
+    base = Path(root).expanduser().resolve()
+    if not base.is_dir():
+        raise ConfigError(f"--root {root!r} is not a directory")
+
+    def absolute(uri: str) -> str:
+        return uri if "://" in uri or Path(uri).is_absolute() else str(base / uri)
+
+    config = config.model_copy(deep=True)
+    config.storage = absolute(config.storage)
+    for source in config.sources.values():
+        source.uri = absolute(source.uri)
+    return config
+
+
 def add_label_rules(config) -> None:
     """Rows with a null or unknown label are quarantined at ingest, like any other bad row."""
     features, task = config.features, config.task

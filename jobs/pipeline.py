@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 
 from jobs import registry
-from jobs.config import Config, load_config
+from jobs.config import Config, load_config, rebased
 from jobs.drift import bundle_reference
 from jobs.entrypoint import run_cli
 from jobs.evaluate import evaluate
@@ -161,10 +161,18 @@ def run_pipeline(
 def main(
     config: Annotated[str, typer.Option(help="Path to the pipeline config YAML")],
     storage: Annotated[str, typer.Option(help="Override the config's storage URI")] = "",
+    root: Annotated[
+        str,
+        typer.Option(
+            help="Resolve the config's relative data and storage paths under this "
+            'folder (under `ray job submit`: --root "$PWD")'
+        ),
+    ] = "",
 ) -> None:
     """Run ingest -> features -> train -> evaluate -> register for one config."""
     overrides = {"storage": storage} if storage else {}
-    run_pipeline(load_config(config, overrides))
+    loaded = load_config(config, overrides)
+    run_pipeline(rebased(loaded, root) if root else loaded)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import pytest
 import requests
-import yaml
 
 from jobs.registry import get_alias, list_versions, load_bundle
 from jobs.storage import Storage, join
@@ -157,20 +156,24 @@ def test_dashboard_requires_the_token(cluster):
 
 
 def test_pipeline_runs_under_ray_job_submit(cluster, sample_data, tmp_path):
+    """The README's command as written: the repo is uploaded without data/ (gitignored), and
+    `--root "$PWD"` points the job back at the checkout's data/ and artifacts/."""
     wait_for_dashboard(cluster)
-    storage_uri = tmp_path / "storage"
-    config = make_config(sample_data, storage_uri, **{"train.plan": "single"})
-    config_path = tmp_path / "fraud.yaml"
-    config_path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    checkout = tmp_path / "checkout"  # stands in for the user's clone after `make demo`
+    (checkout / "data").mkdir(parents=True)
+    (checkout / "data" / "fraud").symlink_to(sample_data, target_is_directory=True)
+    config = make_config(sample_data, checkout / "artifacts" / "fraud")
+    storage_uri = checkout / "artifacts" / "fraud"
     excludes = ["data/", "artifacts/", ".venv/", "*.parquet"]
 
     command = [
         str(VENV_BIN / "ray"), "job", "submit", "--address", cluster.dashboard,
         "--working-dir", str(ROOT), "--runtime-env-json", json.dumps({"excludes": excludes}),
-        "--", "python", "-m", "jobs.pipeline", "--config", str(config_path),
+        "--", "python", "-m", "jobs.pipeline", "--config", "configs/fraud.yaml",
+        "--root", str(checkout),
     ]  # fmt: skip
     submitted = subprocess.run(command, env=cluster.env, capture_output=True, text=True,
-                               timeout=540, cwd=tmp_path)  # fmt: skip
+                               timeout=540, cwd=checkout)  # fmt: skip
     output = submitted.stdout + submitted.stderr
     assert submitted.returncode == 0, output
     assert "succeeded" in output, output
@@ -180,7 +183,7 @@ def test_pipeline_runs_under_ray_job_submit(cluster, sample_data, tmp_path):
     assert list_versions(storage, registry_uri, config.name) == [1]
     assert get_alias(storage, registry_uri, config.name, "production")["version"] == 1
     bundle = load_bundle(storage, registry_uri, config.name)
-    assert bundle.lineage["training"]["plan"] == "single"
+    assert bundle.lineage["training"]["plan"] == "distributed"  # as configs/fraud.yaml says
     assert bundle.metrics["roc_auc"] > 0.7  # generated data with known signal
 
     # The same submission without the token is refused before anything runs.
