@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from jobs import (
+    cluster,
     cv,
     evaluate,
     features,
@@ -26,6 +27,8 @@ data_app = typer.Typer(help="Sample data.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(registry.app, name="models")
 app.add_typer(serve_status.app, name="serve")
+app.add_typer(cluster.app, name="cluster")
+app.add_typer(cluster.cost_app, name="cost")
 app.command("ingest")(ingest.main)
 app.command("features")(features.main)
 app.command("train")(train.main)
