@@ -82,7 +82,13 @@ def main(
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        serve.shutdown()
+        import ray
+
+        from jobs.ray_runtime import joins_cluster
+
+        if joins_cluster():
+            serve.shutdown()  # a cluster outlives this driver: take the app off it
+        ray.shutdown()  # an embedded Ray goes down whole (serve.shutdown could wait on it)
 
 
 if __name__ == "__main__":

@@ -4,9 +4,11 @@ token)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -141,3 +143,55 @@ def test_serve_run_refuses_the_no_auth_switch(tmp_path):
     path.write_text(yaml.safe_dump(config))
     with pytest.raises(ConfigError, match="not `serve run`"):
         serving_app.app_builder({"config": str(path)})
+
+
+@pytest.mark.slow
+def test_make_serve_stops_cleanly_on_ctrl_c(pipeline_run, tmp_path):
+    """`python -m serving.app` (what `make serve` runs) serves, then Ctrl-C ends it and its
+    embedded Ray within seconds, leaving no process of its session behind."""
+    import signal
+    import time
+
+    import requests
+
+    from tests.conftest import PREDICT_HEADERS, free_port
+
+    config, _ = pipeline_run
+    path = tmp_path / "fraud.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "serving.app", "--config", str(path), "--port", str(port)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        line = process.stdout.readline()
+        while line and "serving on" not in line:
+            line = process.stdout.readline()
+        assert "serving on" in line
+        url = f"http://127.0.0.1:{port}/models"
+        answer = requests.get(url, headers=PREDICT_HEADERS, timeout=30)
+        assert answer.status_code == 200
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 0
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and _session_processes(process.pid):
+            time.sleep(0.5)
+        assert not _session_processes(process.pid)
+    finally:
+        for pid in [process.pid, *_session_processes(process.pid)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _session_processes(session_id: int) -> list[int]:
+    """Live processes of a session (`start_new_session`), zombies excluded."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                if int(fields[3]) == session_id and fields[0] != "Z":
+                    found.append(int(entry.name))
+    return found
