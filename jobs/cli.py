@@ -9,6 +9,7 @@ import typer
 
 from jobs import (
     cluster,
+    cost,
     cv,
     evaluate,
     features,
@@ -28,7 +29,7 @@ app.add_typer(data_app, name="data")
 app.add_typer(registry.app, name="models")
 app.add_typer(serve_status.app, name="serve")
 app.add_typer(cluster.app, name="cluster")
-app.add_typer(cluster.cost_app, name="cost")
+app.add_typer(cost.app, name="cost")
 app.command("ingest")(ingest.main)
 app.command("features")(features.main)
 app.command("train")(train.main)
