@@ -399,9 +399,3 @@ def validate_command(
     if problems:
         raise typer.Exit(2)
     typer.echo(f"ok: {', '.join(str(f) for f in files)}")
-
-
-if __name__ == "__main__":
-    from jobs.entrypoint import run_cli
-
-    run_cli(app)
