@@ -338,9 +338,6 @@ def build_app(config: Config, loader: RegistryLoader | None = None):
         def _describe(self) -> list[dict]:
             return [model.describe() for model in self.table.models.values()]
 
-        def _admin(self, request: Request, scope: str = "admin") -> None:
-            self.auth.check(request.headers.get("authorization"), scope)
-
         @api.get("/models")
         async def models(self, request: Request) -> Response:
             return await self._guarded(request, "predict", None, self._list)
@@ -351,7 +348,7 @@ def build_app(config: Config, loader: RegistryLoader | None = None):
         async def _guarded(self, request: Request, scope: str, name: str | None, action):
             request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
             try:
-                self._admin(request, scope)
+                self.auth.check(request.headers.get("authorization"), scope)
                 if name is not None and self.table.get(name) is None:
                     return error_response(404, f"no model named {name!r}", request_id, ["path"])
                 return json_response(200, await action(name))

@@ -143,3 +143,25 @@ def s3_bucket(s3_server):
     )
     fs.create_dir(name)
     return s3_server, name
+
+
+@pytest.fixture(scope="module")
+def metrics_head():
+    """A private Ray head whose workers report metrics every second (tests/prometheus.py)."""
+    from tests.prometheus import ray_head_with_metrics
+
+    with ray_head_with_metrics() as head:
+        yield head
+
+
+@pytest.fixture(scope="module")
+def prometheus(metrics_head, tmp_path_factory):
+    """A real Prometheus scraping `metrics_head`, with configs/alerts.yml loaded."""
+    from tests.prometheus import PROMETHEUS, prometheus_server
+
+    if PROMETHEUS is None:
+        pytest.skip("prometheus is not installed (apt-get install prometheus)")
+    folder = tmp_path_factory.mktemp("prometheus")
+    rules = [ROOT / "configs" / "alerts.yml"]
+    with prometheus_server([metrics_head.metrics_target], folder, rule_files=rules) as server:
+        yield server

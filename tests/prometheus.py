@@ -1,17 +1,8 @@
 """Test helpers: a real Prometheus server and a private Ray head that exports metrics quickly.
 
-Both are context managers, so a test module wraps them in fixtures of the scope it needs:
-
-    @pytest.fixture(scope="module")
-    def head():
-        with ray_head_with_metrics() as head:          # own temp dir, ports and auth token
-            yield head
-
-    @pytest.fixture(scope="module")
-    def prom(head, tmp_path_factory):
-        with prometheus_server([head.metrics_target], tmp_path_factory.mktemp("prom"),
-                               rule_files=[ROOT / "configs/alerts.yml"]) as prom:
-            yield prom
+Both are context managers; tests/conftest.py wraps them as the module-scoped fixtures
+`metrics_head` (own temp dir, ports and auth token) and `prometheus` (scraping it, with
+configs/alerts.yml loaded).
 
 A driver runs in a subprocess (`head.run_python(code)`, env and address set), since the test
 process may already hold the session's embedded Ray. An end-to-end test of the real app does

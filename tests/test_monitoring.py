@@ -15,8 +15,6 @@ from jobs import drift
 from jobs.serve_config import MonitoringConfig
 from jobs.storage import Storage
 from serving import monitoring
-from tests.conftest import ROOT
-from tests.prometheus import PROMETHEUS, prometheus_server, ray_head_with_metrics
 
 
 class Instrument:
@@ -267,22 +265,6 @@ print(json.dumps(handle.drain.remote().result()))
 """
 
 
-@pytest.fixture(scope="module")
-def head():
-    with ray_head_with_metrics() as head:
-        yield head
-
-
-@pytest.fixture(scope="module")
-def prom(head, tmp_path_factory):
-    if PROMETHEUS is None:
-        pytest.skip("prometheus is not installed (apt-get install prometheus)")
-    folder = tmp_path_factory.mktemp("prometheus")
-    rules = [ROOT / "configs" / "alerts.yml"]
-    with prometheus_server([head.metrics_target], folder, rule_files=rules) as server:
-        yield server
-
-
 def _by_label(result: list[dict], label: str) -> dict[str, float]:
     values: dict[str, float] = defaultdict(float)
     for item in result:
@@ -291,23 +273,23 @@ def _by_label(result: list[dict], label: str) -> dict[str, float]:
 
 
 @pytest.mark.slow
-def test_prometheus_scrapes_the_replica_metrics(head, prom, tmp_path):
+def test_prometheus_scrapes_the_replica_metrics(metrics_head, prometheus, tmp_path):
     samples = tmp_path / "samples"
-    driven = head.run_python(DRIVER, timeout=180, env={"SAMPLES": str(samples)})
+    driven = metrics_head.run_python(DRIVER, timeout=180, env={"SAMPLES": str(samples)})
     assert driven.returncode == 0, driven.stderr[-3000:]
     summary = json.loads(driven.stdout.strip().splitlines()[-1])
     assert summary["psi"]["shifted"] > 0.2, summary
     assert 0 < summary["samples"] <= 40 and list(samples.rglob("*.jsonl"))
 
     mv = 'model="fraud",version="3"'
-    statuses = prom.wait_for(
+    statuses = prometheus.wait_for(
         f"sum by (status) (ray_rayline_requests_total{{{mv}}})",
         lambda r: _by_label(r, "status") == {"200": 40.0, "500": 4.0},
     )
     assert statuses
     rejected = 'sum(ray_rayline_requests_total{model="",version="",status="401"})'
-    prom.wait_for(rejected, lambda r: r and float(r[0]["value"][1]) == 3)
-    series = prom.query(f"ray_rayline_requests_total{{{mv}}}")
+    prometheus.wait_for(rejected, lambda r: r and float(r[0]["value"][1]) == 3)
+    series = prometheus.query(f"ray_rayline_requests_total{{{mv}}}")
     labels = series[0]["metric"]
     assert labels["deployment"] == "Scorer" and labels["application"] == "monitored"
     assert labels["replica"] and labels["route"] == "/predict"
@@ -315,36 +297,37 @@ def test_prometheus_scrapes_the_replica_metrics(head, prom, tmp_path):
     def equals(expected: float):
         return lambda r: len(r) == 1 and float(r[0]["value"][1]) == expected
 
-    prom.wait_for(f"sum(ray_rayline_request_latency_seconds_count{{{mv}}})", equals(44))
-    prom.wait_for(f'sum(ray_rayline_request_latency_seconds_bucket{{{mv},le="+Inf"}})', equals(44))
-    prom.wait_for(f"sum(ray_rayline_records_total{{{mv}}})", equals(200))
-    prom.wait_for(f"sum(ray_rayline_batch_records_count{{{mv}}})", equals(40))
-    prom.wait_for(f'sum(ray_rayline_batch_records_bucket{{{mv},le="4.0"}})', equals(0))
-    prom.wait_for(f'sum(ray_rayline_batch_records_bucket{{{mv},le="8.0"}})', equals(40))
-    prom.wait_for(f"sum(ray_rayline_score_count{{{mv}}})", equals(200))
-    prom.wait_for(f"sum(ray_rayline_score_rank_count{{{mv}}})", equals(200))
-    psi = prom.wait_for(
+    prometheus.wait_for(f"sum(ray_rayline_request_latency_seconds_count{{{mv}}})", equals(44))
+    inf_bucket = f'sum(ray_rayline_request_latency_seconds_bucket{{{mv},le="+Inf"}})'
+    prometheus.wait_for(inf_bucket, equals(44))
+    prometheus.wait_for(f"sum(ray_rayline_records_total{{{mv}}})", equals(200))
+    prometheus.wait_for(f"sum(ray_rayline_batch_records_count{{{mv}}})", equals(40))
+    prometheus.wait_for(f'sum(ray_rayline_batch_records_bucket{{{mv},le="4.0"}})', equals(0))
+    prometheus.wait_for(f'sum(ray_rayline_batch_records_bucket{{{mv},le="8.0"}})', equals(40))
+    prometheus.wait_for(f"sum(ray_rayline_score_count{{{mv}}})", equals(200))
+    prometheus.wait_for(f"sum(ray_rayline_score_rank_count{{{mv}}})", equals(200))
+    psi = prometheus.wait_for(
         f"ray_rayline_feature_psi{{{mv}}}",
         lambda r: set(_by_label(r, "feature")) == {"stable", "shifted"},
     )
     values = _by_label(psi, "feature")
     assert values["shifted"] > 0.2 and values["stable"] < 0.2, values
-    prom.wait_for(f"ray_rayline_score_psi{{{mv}}}", lambda r: len(r) == 1)
+    prometheus.wait_for(f"ray_rayline_score_psi{{{mv}}}", lambda r: len(r) == 1)
 
     # The alert rules read these very series: drift (and the 5xx share) go pending at once.
-    prom.wait_for(
+    prometheus.wait_for(
         'ALERTS{alertname="RaylineFeatureDrift",alertstate="pending",feature="shifted"}',
         lambda r: len(r) == 1,
     )
-    prom.wait_for(
+    prometheus.wait_for(
         'ALERTS{alertname="RaylineHighErrorRate",alertstate="pending"}',
         lambda r: len(r) == 1 and r[0]["metric"]["model"] == "fraud",
     )
-    prom.wait_for(  # what RaylineReplicaDown reads (Serve reports health every ~10 s)
+    prometheus.wait_for(  # what RaylineReplicaDown reads (Serve reports health every ~10 s)
         "sum by (deployment) (max_over_time("
         'ray_serve_deployment_replica_healthy{application="monitored"}[1m]))',
         lambda r: _by_label(r, "deployment").get("Scorer") == 1,
     )
     # Gauges outlive Ray's 2-report TTL because the monitor thread refreshes them.
     time.sleep(3)
-    assert len(prom.query(f"ray_rayline_feature_psi{{{mv}}}")) == 2
+    assert len(prometheus.query(f"ray_rayline_feature_psi{{{mv}}}")) == 2

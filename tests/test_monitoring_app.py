@@ -13,8 +13,7 @@ import pytest
 
 from jobs.registry import load_bundle
 from jobs.storage import Storage, join
-from tests.conftest import PREDICT_TOKEN, ROOT, free_port
-from tests.prometheus import PROMETHEUS, prometheus_server, ray_head_with_metrics
+from tests.conftest import PREDICT_TOKEN, free_port
 from tests.test_serving import RAW_COLUMNS, to_http
 
 pytestmark = pytest.mark.slow
@@ -45,23 +44,6 @@ print(json.dumps(statuses))
 """
 
 
-@pytest.fixture(scope="module")
-def head():
-    with ray_head_with_metrics() as head:
-        yield head
-
-
-@pytest.fixture(scope="module")
-def prom(head, tmp_path_factory):
-    if PROMETHEUS is None:
-        pytest.skip("prometheus is not installed (apt-get install prometheus)")
-    folder = tmp_path_factory.mktemp("prometheus-app")
-    with prometheus_server(
-        [head.metrics_target], folder, rule_files=[ROOT / "configs" / "alerts.yml"]
-    ) as server:
-        yield server
-
-
 def _by(result: list[dict], label: str) -> dict[str, float]:
     values: dict[str, float] = defaultdict(float)
     for item in result:
@@ -70,7 +52,7 @@ def _by(result: list[dict], label: str) -> dict[str, float]:
 
 
 def test_prometheus_sees_the_apps_series_by_model_and_version(
-    head, prom, pipeline_run, sample_data
+    metrics_head, prometheus, pipeline_run, sample_data
 ):
     config, _ = pipeline_run
     bundle = load_bundle(Storage(config.s3), join(config.storage, "registry"), config.name)
@@ -79,7 +61,7 @@ def test_prometheus_sees_the_apps_series_by_model_and_version(
     served = config.model_copy(
         update={"serve": config.serve.model_copy(update={"port": free_port(), "replica_cpus": 0.5})}
     )
-    driven = head.run_python(
+    driven = metrics_head.run_python(
         DRIVER,
         timeout=240,
         env={
@@ -101,23 +83,24 @@ def test_prometheus_sees_the_apps_series_by_model_and_version(
         return lambda r: len(r) == 1 and float(r[0]["value"][1]) >= expected
 
     mv = f'model="fraud",version="{bundle.version}"'
-    prom.wait_for(
+    prometheus.wait_for(
         f"sum by (status) (ray_rayline_requests_total{{{mv}}})",
         lambda r: _by(r, "status") == {"200": float(good), "422": 5.0},
     )  # a sample row that fails the request schema is refused before a version is picked:
-    prom.wait_for('sum(ray_rayline_requests_total{model="fraud",status="422"})', equals(65 - good))
-    prom.wait_for(
+    refused = 'sum(ray_rayline_requests_total{model="fraud",status="422"})'
+    prometheus.wait_for(refused, equals(65 - good))
+    prometheus.wait_for(
         'sum(ray_rayline_requests_total{model="fraud",version="",status="401"})',
         lambda r: r and float(r[0]["value"][1]) == 3,
     )
-    labels = prom.query(f"ray_rayline_requests_total{{{mv}}}")[0]["metric"]
+    labels = prometheus.query(f"ray_rayline_requests_total{{{mv}}}")[0]["metric"]
     assert labels["application"] == "rayline" and labels["route"] == "/predict"
 
-    prom.wait_for(f"sum(ray_rayline_request_latency_seconds_count{{{mv}}})", equals(good + 5))
-    prom.wait_for(f"sum(ray_rayline_records_total{{{mv}}})", equals(2 * good))
-    prom.wait_for(f"sum(ray_rayline_batch_records_count{{{mv}}})", at_least(1))
-    prom.wait_for(f"sum(ray_rayline_score_count{{{mv}}})", equals(2 * good))
-    psi = prom.wait_for(
+    prometheus.wait_for(f"sum(ray_rayline_request_latency_seconds_count{{{mv}}})", equals(good + 5))
+    prometheus.wait_for(f"sum(ray_rayline_records_total{{{mv}}})", equals(2 * good))
+    prometheus.wait_for(f"sum(ray_rayline_batch_records_count{{{mv}}})", at_least(1))
+    prometheus.wait_for(f"sum(ray_rayline_score_count{{{mv}}})", equals(2 * good))
+    psi = prometheus.wait_for(
         f"ray_rayline_feature_psi{{{mv}}}",
         lambda r: set(_by(r, "feature")) == set(bundle.spec.feature_names),
         timeout=60,
