@@ -210,6 +210,11 @@ class TrainConfig(Strict):
     early_stopping_rounds: int = Field(20, ge=1)
     checkpoint_every: int = Field(25, ge=1)
     max_failures: int = Field(2, ge=0)
+    label_selector: dict[str, str] = Field(
+        default_factory=dict,
+        description="run training only on nodes with these labels, e.g. "
+        "{ray.io/market-type: spot}; Ray 2.60 label selectors ('!v', 'in(a,b)') allowed",
+    )
     imbalance: ImbalanceConfig = Field(default_factory=ImbalanceConfig)
     params: dict[str, float | int | str] = Field(default_factory=dict)
 

@@ -23,6 +23,7 @@ from jobs.features import build_features
 from jobs.ingest import ingest
 from jobs.promotion import promotion_gate
 from jobs.ray_runtime import init_ray
+from jobs.run_cost import cost_report
 from jobs.runs import new_run_id
 from jobs.storage import Storage, join
 from jobs.train import train_model
@@ -36,6 +37,7 @@ class PipelineResult:
     gate: dict
     metrics: dict
     seconds: dict = field(default_factory=dict)
+    cost: dict = field(default_factory=dict)
 
 
 def lineage(
@@ -88,12 +90,17 @@ def finish_run(
     extra_lineage: dict | None = None,
     seconds: dict | None = None,
     quiet: bool = False,
+    started_at: float | None = None,
 ):
-    """Train -> evaluate -> gate -> publish for a run that already has features."""
+    """Train -> evaluate -> gate -> publish for a run that already has features.
+
+    The run's cost covers `started_at` (default: now) to just before the bundle is published,
+    so the bundle's lineage carries it."""
     from jobs import summary
 
     storage = storage or Storage(config.s3)
     seconds = seconds if seconds is not None else {}
+    started_at = started_at if started_at is not None else time.time()
     trained = _timed(seconds, "train", train_model, config, run_uri, storage, params_override)
     evaluation = _timed(
         seconds, "evaluate", evaluate, config, run_uri, storage, model_uri=trained.model_uri
@@ -109,8 +116,11 @@ def finish_run(
     )
     registry_uri = join(config.storage, "registry")
     gate = promotion_gate(config, run_uri, evaluation.metrics, storage)
+    cost = cost_report(started_at).as_dict()
+    storage.write_json(join(run_uri, "cost.json"), cost)
     record = {
         **lineage(config, run_uri, storage, trained, evaluation, seconds),
+        "cost": {k: v for k, v in cost.items() if k != "nodes"},
         **(extra_lineage or {}),
     }
     version = registry.publish(
@@ -132,10 +142,13 @@ def finish_run(
         registry.set_alias(
             storage, registry_uri, config.name, "production", version, gate["reason"]
         )
-    result = PipelineResult(run_uri, version, gate["promote"], gate, evaluation.metrics, seconds)
+    result = PipelineResult(
+        run_uri, version, gate["promote"], gate, evaluation.metrics, seconds, cost
+    )
     storage.write_json(join(run_uri, "pipeline.json"), asdict(result))
     if not quiet:
         summary.print_training(trained, evaluation, result)
+        summary.print_cost(cost)
     return result
 
 
@@ -146,6 +159,7 @@ def run_pipeline(
     from jobs import summary
 
     storage = storage or Storage(config.s3)
+    started_at = time.time()
     seconds = {"ray_start": init_ray(config)}
     run_uri = join(config.storage, "runs", new_run_id())
     ingested = _timed(seconds, "ingest", ingest, config, run_uri, storage)
@@ -155,7 +169,7 @@ def run_pipeline(
     if not quiet:
         summary.print_ingest(ingested)
         summary.print_features(features)
-    return finish_run(config, run_uri, storage, seconds=seconds, quiet=quiet)
+    return finish_run(config, run_uri, storage, seconds=seconds, quiet=quiet, started_at=started_at)
 
 
 def main(

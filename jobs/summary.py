@@ -107,3 +107,36 @@ def print_training(trained, evaluation, result) -> None:
             "run": result.run_uri,
         },
     )
+
+
+def _dollars(value) -> str:
+    return "-" if value is None else f"${value:,.4f}"
+
+
+def print_cost(cost: dict) -> None:
+    """Node-hours by node type and market, dollars against on-demand, interruptions."""
+    table = Table(title="cost (cluster/prices.yaml, approximate)", title_justify="left")
+    for column in ("node type", "instance", "market", "nodes", "node-hours", "$", "on-demand $"):
+        table.add_column(column, justify="left" if column in ("node type", "instance") else "right")
+    for row in cost["by_type"]:
+        table.add_row(
+            row["node_type"],
+            row["instance"] or "-",
+            row["market"],
+            str(row["nodes"]),
+            f"{row['node_hours']:.4f}",
+            _dollars(row["dollars"]),
+            _dollars(row["on_demand_dollars"]),
+        )
+    console.print(table)
+    interruptions = ", ".join(f"{k} {v}" for k, v in cost["interruptions"].items()) or "none"
+    line = (
+        f"run cost {_dollars(cost['dollars'])} (on-demand {_dollars(cost['on_demand_dollars'])}, "
+        f"saving {cost['saving']:.0%}); interruptions: {interruptions}"
+    )
+    if cost["unpriced_node_hours"]:
+        line += (
+            f"; {cost['unpriced_node_hours']:.4f} node-hours not priced: nodes without an "
+            "instance type (a local Ray, or no rayline.io/instance-type label)"
+        )
+    console.print(line)
