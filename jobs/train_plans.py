@@ -184,6 +184,17 @@ def _train_task(
     return {**summary, "params": params, "history": history, "checkpoint_uri": checkpoints}
 
 
+def _selected(node: dict, selector: dict[str, str]) -> bool:
+    """Whether a node's labels match the plain `key: value` parts of a label selector (the
+    operator forms, `!v` and `in(...)`, are left to Ray)."""
+    labels = node.get("Labels", {})
+    return all(
+        labels.get(key) == value
+        for key, value in selector.items()
+        if not value.startswith(("!", "in(", "!in("))
+    )
+
+
 def run_single(
     config: Config,
     train: TrainConfig,
@@ -192,12 +203,15 @@ def run_single(
     imbalance: dict,
     model_uri: str,
 ) -> TrainResult:
-    nodes = [n for n in ray.nodes() if n["Alive"]]
-    largest = max(n["Resources"].get("CPU", 1) for n in nodes)
+    nodes = [n for n in ray.nodes() if n["Alive"] and _selected(n, train.label_selector)]
+    largest = max((n["Resources"].get("CPU", 0) for n in nodes), default=1) or 1
     # All of one node's CPUs, but not more than are free now (Serve replicas may hold some).
     cpus = max(1, int(min(largest, ray.available_resources().get("CPU", 1))))
     task = _train_task.options(
-        num_cpus=cpus, max_retries=train.max_failures, num_gpus=train.gpus_per_worker or None
+        num_cpus=cpus,
+        max_retries=train.max_failures,
+        num_gpus=train.gpus_per_worker or None,
+        label_selector=dict(train.label_selector) or None,
     )
     board = progress_board()
     ref = task.remote(config, train, run_uri, storage, imbalance, cpus, model_uri, board)
@@ -335,6 +349,7 @@ def run_distributed(
                 "CPU": train.cpus_per_worker,
                 **({"GPU": train.gpus_per_worker} if train.gpus_per_worker else {}),
             },
+            label_selector=dict(train.label_selector) or None,
         ),
         run_config=RunConfig(
             name=f"xgboost-{training_key(train, config.seed, features_digest(storage, run_uri))}",
