@@ -43,6 +43,7 @@ class TrainResult:
     history: dict = field(default_factory=dict)
     valid_metric: str = "aucpr"
     training_id: str = ""
+    interruptions: dict = field(default_factory=dict)  # distributed plan: see jobs.preemption
 
 
 OBJECTIVES = {

@@ -18,6 +18,7 @@ from jobs import (
     predict,
     registry,
     serve_status,
+    spot_watcher,
     train,
     tune,
 )
@@ -38,6 +39,7 @@ app.command("tune")(tune.main)
 app.command("evaluate")(evaluate.main)
 app.command("predict")(predict.main)
 app.command("pipeline")(pipeline.main)
+app.command("spot-watcher")(spot_watcher.main)
 
 
 @data_app.command("generate")

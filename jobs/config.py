@@ -210,6 +210,12 @@ class TrainConfig(Strict):
     early_stopping_rounds: int = Field(20, ge=1)
     checkpoint_every: int = Field(25, ge=1)
     max_failures: int = Field(2, ge=0)
+    max_preemptions: int = Field(
+        10, ge=-1, description="spot interruptions a distributed fit recovers from (-1: any)"
+    )
+    preemption_check_every: int = Field(
+        10, ge=1, description="rounds between asks for a preemption notice (a worker barrier)"
+    )
     label_selector: dict[str, str] = Field(
         default_factory=dict,
         description="run training only on nodes with these labels, e.g. "

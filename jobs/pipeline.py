@@ -70,6 +70,7 @@ def lineage(
             "params": trained.params,
             "imbalance": trained.imbalance,
             "resumed_from_round": trained.resumed_from_round,
+            "interruptions": trained.interruptions,
         },
         "stage_seconds": seconds,
     }

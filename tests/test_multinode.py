@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -120,7 +121,18 @@ def test_pipeline_trains_on_spot_and_prices_the_run(cluster, cluster_config):
     assert cost["unpriced_node_hours"] == 0
 
 
-def test_serve_replica_lands_on_on_demand(cluster, cluster_config, sample_data, tmp_path):
+def _alive_replicas(cluster: LocalCluster) -> list[dict]:
+    return [
+        a
+        for a in cluster.list_actors()
+        if a["class_name"].startswith("ServeReplica") and a["state"] == "ALIVE"
+    ]
+
+
+@pytest.fixture(scope="module")
+def served(cluster, cluster_config, sample_data, tmp_path_factory):
+    """The app deployed with `serve deploy` (after the pipeline test registered a model);
+    yields its URL and one valid record."""
     config, path = cluster_config
     serve_config = {
         "proxy_location": "HeadOnly",  # one proxy: every node shares this machine's ports
@@ -134,7 +146,7 @@ def test_serve_replica_lands_on_on_demand(cluster, cluster_config, sample_data, 
             }
         ],
     }
-    serve_path = tmp_path / "serve.yaml"
+    serve_path = tmp_path_factory.mktemp("serve") / "serve.yaml"
     serve_path.write_text(yaml.safe_dump(serve_config))
     deployed = subprocess.run(
         [str(VENV_BIN / "serve"), "deploy", str(serve_path), "--address", cluster.dashboard],
@@ -153,16 +165,72 @@ def test_serve_replica_lands_on_on_demand(cluster, cluster_config, sample_data, 
         time.sleep(1)
     else:
         pytest.fail(f"the app did not become ready at {url}")
-
-    replicas = [a for a in cluster.list_actors() if a["class_name"].startswith("ServeReplica")]
-    alive = [a for a in replicas if a["state"] == "ALIVE"]
-    assert len(alive) == 1, replicas
-    assert cluster.node_name(alive[0]["node_id"]) == "on-demand"
-
     files = sorted(Path(sample_data, "transactions").rglob("*.parquet"))
     record = to_http(pq.read_table(files[0], columns=RAW_COLUMNS).slice(0, 1))[0]
-    response = requests.post(
+    return url, record
+
+
+def predict(url: str, record: dict) -> requests.Response:
+    return requests.post(
         f"{url}/predict", json={"records": [record]}, headers=PREDICT_HEADERS, timeout=30
     )
+
+
+def test_serve_replica_lands_on_on_demand(cluster, served):
+    url, record = served
+    alive = _alive_replicas(cluster)
+    assert len(alive) == 1, alive
+    assert cluster.node_name(alive[0]["node_id"]) == "on-demand"
+    response = predict(url, record)
     assert response.status_code == 200, response.text
     assert 0.0 <= response.json()["predictions"][0]["score"] <= 1.0
+
+
+def test_serve_replica_moves_off_a_draining_node_under_load(cluster, served):
+    """A preemption notice for the node holding the only replica: Serve starts a replacement
+    on other on-demand capacity before the deadline and stops the old one; requests keep
+    being answered throughout."""
+    url, record = served
+    cluster.add_worker("on-demand-2", 1, {**ON_DEMAND, INSTANCE: "m6i.2xlarge"})
+    outcomes: list[int] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            try:
+                outcomes.append(predict(url, record).status_code)
+            except requests.RequestException:
+                outcomes.append(0)
+
+    threads = [threading.Thread(target=load, daemon=True) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    time.sleep(3)
+    notice_s = 60
+    drained = subprocess.run(
+        [str(VENV_BIN / "ray"), "drain-node", "--address", cluster.address,
+         "--node-id", cluster.nodes["on-demand"].node_id,
+         "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "drill",
+         "--deadline-remaining-seconds", str(notice_s)],
+        env=cluster.env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert drained.returncode == 0, drained.stdout + drained.stderr
+    noticed = time.monotonic()
+    moved = None
+    while time.monotonic() - noticed < notice_s:
+        alive = _alive_replicas(cluster)
+        if len(alive) == 1 and cluster.node_name(alive[0]["node_id"]) == "on-demand-2":
+            moved = time.monotonic() - noticed
+            break
+        time.sleep(1)
+    time.sleep(3)
+    cluster.stop_node("on-demand")  # the deadline: the machine goes
+    time.sleep(3)
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert moved is not None, f"no replica on on-demand-2 within {notice_s} s"
+    failed = [code for code in outcomes if code != 200]
+    assert len(outcomes) > 50
+    assert len(failed) <= 0.01 * len(outcomes), (len(failed), len(outcomes), set(failed))
+    assert predict(url, record).status_code == 200
