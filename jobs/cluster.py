@@ -10,7 +10,8 @@ accepts anything or where its defaults would do harm:
 - every instance type (AWS `InstanceType`, GCP `machineType`) has a price in cluster/prices.yaml;
 - CPU/GPU resources are integers, per-type `min_workers <= max_workers`, the sum of
   `min_workers` is at most the global `max_workers`;
-- every type carries `ray.io/market-type: spot|on-demand`, matching how it is launched;
+- every type carries `ray.io/market-type: spot|on-demand`, matching how it is launched, and
+  `rayline.io/instance-type` naming its instance type (the run cost report prices by it);
 - the head advertises `CPU: 0`;
 - every command list (and the other keys Ray's defaults would fill) is set explicitly, and
   every `pip install` of Ray pins `==2.60.0` (Ray's defaults install a nightly wheel).
@@ -34,6 +35,7 @@ from jobs.errors import ConfigError
 
 RAY_VERSION = "2.60.0"
 MARKET_LABEL = "ray.io/market-type"
+INSTANCE_LABEL = "rayline.io/instance-type"  # what a run's cost report prices the node as
 MARKETS = ("spot", "on-demand")
 PRICES = Path(__file__).resolve().parent.parent / "cluster" / "prices.yaml"
 
@@ -290,6 +292,16 @@ def rayline_checks(
             )
         elif cloud in INSTANCE_KEY:
             problems += _market_problems(cloud, where, market, node_config)
+        instance = node_config.get(INSTANCE_KEY.get(cloud, ""))
+        if (
+            cloud in INSTANCE_KEY
+            and isinstance(instance, str)
+            and labels.get(INSTANCE_LABEL) != instance
+        ):
+            problems.append(
+                (f"{where}.labels.{INSTANCE_LABEL}", f"({labels.get(INSTANCE_LABEL)!r}) must "
+                 f"name the instance type for the run cost report: set it to {instance}")
+            )  # fmt: skip
         if name == head and resources.get("CPU") != 0:
             problems.append(
                 (

@@ -18,9 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jobs.cluster import MARKET_LABEL, PRICES, load_prices
+from jobs.cluster import INSTANCE_LABEL, MARKET_LABEL, PRICES, load_prices
 
-INSTANCE_LABEL = "rayline.io/instance-type"
 PREEMPTED_REASONS = {"AUTOSCALER_DRAIN_PREEMPTED"}
 UNEXPECTED_REASONS = {"UNEXPECTED_TERMINATION"}
 

@@ -63,6 +63,7 @@ def _break_min_max(c):
 
 def _break_price(c):
     _aws(c)["cpu_spot_m5"]["node_config"]["InstanceType"] = "m7i.48xlarge"
+    _aws(c)["cpu_spot_m5"]["labels"]["rayline.io/instance-type"] = "m7i.48xlarge"
     return "available_node_types.cpu_spot_m5.node_config.InstanceType (m7i.48xlarge)", "no price"
 
 
@@ -72,8 +73,16 @@ def _break_float_cpu(c):
 
 
 def _break_label(c):
-    del _aws(c)["gpu_spot_g5"]["labels"]
+    del _aws(c)["gpu_spot_g5"]["labels"]["ray.io/market-type"]
     return "available_node_types.gpu_spot_g5.labels.ray.io/market-type", "spot or on-demand"
+
+
+def _break_instance_label(c):
+    _aws(c)["cpu_spot_c6i"]["labels"]["rayline.io/instance-type"] = "c6i.xlarge"
+    return (
+        "available_node_types.cpu_spot_c6i.labels.rayline.io/instance-type ('c6i.xlarge')",
+        "set it to c6i.2xlarge",
+    )
 
 
 def _break_head_cpu(c):
@@ -127,6 +136,7 @@ BREAKS = [
     _break_price,
     _break_float_cpu,
     _break_label,
+    _break_instance_label,
     _break_head_cpu,
     _break_omitted_commands,
     _break_unpinned,
@@ -162,6 +172,9 @@ def test_gcp_scheduling_as_list_is_one_error(tmp_path, no_network):
 def test_gcp_missing_price_names_machine_type(tmp_path):
     config = yaml.safe_load(CONFIGS[1].read_text())
     config["available_node_types"]["cpu_spot_c2"]["node_config"]["machineType"] = "c3-standard-8"
+    config["available_node_types"]["cpu_spot_c2"]["labels"]["rayline.io/instance-type"] = (
+        "c3-standard-8"
+    )
     errors = validate(_write(tmp_path, "gcp-broken.yaml", config))
     assert errors == [
         f"{tmp_path / 'gcp-broken.yaml'}: available_node_types.cpu_spot_c2.node_config."
