@@ -15,6 +15,7 @@ from typing import Annotated
 import typer
 
 from jobs import registry
+from jobs.cluster import load_prices
 from jobs.config import Config, load_config, rebased
 from jobs.drift import bundle_reference
 from jobs.entrypoint import run_cli
@@ -23,10 +24,12 @@ from jobs.features import build_features
 from jobs.ingest import ingest
 from jobs.promotion import promotion_gate
 from jobs.ray_runtime import init_ray
+from jobs.rightsizing import rightsize
 from jobs.run_cost import cost_report
 from jobs.runs import new_run_id
 from jobs.storage import Storage, join
 from jobs.train import train_model
+from jobs.usage import UsageSampler
 
 
 @dataclass
@@ -92,11 +95,13 @@ def finish_run(
     seconds: dict | None = None,
     quiet: bool = False,
     started_at: float | None = None,
+    usage: UsageSampler | None = None,
 ):
     """Train -> evaluate -> gate -> publish for a run that already has features.
 
     The run's cost covers `started_at` (default: now) to just before the bundle is published,
-    so the bundle's lineage carries it."""
+    so the bundle's lineage carries it; with a `usage` sampler running it also carries what the
+    nodes used and a rightsizing recommendation."""
     from jobs import summary
 
     storage = storage or Storage(config.s3)
@@ -118,10 +123,14 @@ def finish_run(
     registry_uri = join(config.storage, "registry")
     gate = promotion_gate(config, run_uri, evaluation.metrics, storage)
     cost = cost_report(started_at).as_dict()
+    if usage is not None:
+        measured = usage.stop()
+        cost["usage"] = measured
+        cost["rightsizing"] = rightsize(measured, cost, load_prices())
     storage.write_json(join(run_uri, "cost.json"), cost)
     record = {
         **lineage(config, run_uri, storage, trained, evaluation, seconds),
-        "cost": {k: v for k, v in cost.items() if k != "nodes"},
+        "cost": {k: v for k, v in cost.items() if k not in ("nodes", "usage")},
         **(extra_lineage or {}),
     }
     version = registry.publish(
@@ -163,14 +172,23 @@ def run_pipeline(
     started_at = time.time()
     seconds = {"ray_start": init_ray(config)}
     run_uri = join(config.storage, "runs", new_run_id())
-    ingested = _timed(seconds, "ingest", ingest, config, run_uri, storage)
-    features = _timed(
-        seconds, "features", build_features, config, run_uri, storage, ingested.fact_blocks
-    )
-    if not quiet:
-        summary.print_ingest(ingested)
-        summary.print_features(features)
-    return finish_run(config, run_uri, storage, seconds=seconds, quiet=quiet, started_at=started_at)
+    with UsageSampler() as usage:  # stopped by finish_run, or here if a stage fails
+        ingested = _timed(seconds, "ingest", ingest, config, run_uri, storage)
+        features = _timed(
+            seconds, "features", build_features, config, run_uri, storage, ingested.fact_blocks
+        )
+        if not quiet:
+            summary.print_ingest(ingested)
+            summary.print_features(features)
+        return finish_run(
+            config,
+            run_uri,
+            storage,
+            seconds=seconds,
+            quiet=quiet,
+            started_at=started_at,
+            usage=usage,
+        )
 
 
 def main(

@@ -105,5 +105,10 @@ def test_cost_of_a_local_run_is_recorded_in_the_bundle(pipeline_run):
     assert bundle.lineage["cost"]["unpriced_node_hours"] == pytest.approx(
         result.cost["unpriced_node_hours"]
     )
+    measured = result.cost["usage"]["by_type"]  # the usage sampler saw the local node
+    assert len(measured) == 1 and measured[0]["samples"] >= 1, measured
+    # A local node has no instance type: nothing to rightsize, and the reason says so.
+    assert result.cost["rightsizing"]["recommendations"] == []
+    assert result.cost["rightsizing"]["reason"]
     window = result.cost["ended_at"] - result.cost["started_at"]
     assert window > sum(v for k, v in result.seconds.items() if k != "reference") * 0.9
