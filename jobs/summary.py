@@ -92,6 +92,17 @@ def print_training(trained, evaluation, result) -> None:
                 f"{k}={v}" for k, v in trained.imbalance.items() if k != "class_counts"
             ),
             "resumed from round": str(trained.resumed_from_round),
+            **(
+                {
+                    "interruptions": (
+                        f"{trained.interruptions['interruptions']} (rounds redone "
+                        f"{trained.interruptions['rounds_redone']}, just-in-time checkpoints "
+                        f"{trained.interruptions['just_in_time_checkpoints']})"
+                    )
+                }
+                if trained.interruptions
+                else {}
+            ),
             "seconds": f"{trained.seconds:.1f}",
             "model": trained.model_uri,
         },
@@ -140,3 +151,12 @@ def print_cost(cost: dict) -> None:
             "instance type (a local Ray, or no rayline.io/instance-type label)"
         )
     console.print(line)
+    advice = cost.get("rightsizing")
+    if advice is not None:
+        for item in advice["recommendations"]:
+            console.print(
+                f"rightsizing {item['node_type']}: {item['why']} "
+                f"(saves ${item['dollars_per_hour_saved']:.3f}/h)"
+            )
+        if advice["reason"]:
+            console.print(f"rightsizing: {advice['reason']}")
