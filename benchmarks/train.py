@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
+import statistics
 import sys
 import time
 from datetime import date
@@ -81,6 +83,7 @@ def plain_xgboost(config, run_uri: str) -> dict:
 
 
 def rayline_train(config, run_uri: str) -> dict:
+    shutil.rmtree(Path(run_uri) / "train", ignore_errors=True)  # no resuming a previous run
     started = time.perf_counter()
     result = train_model(config, run_uri)
     return {
@@ -89,6 +92,15 @@ def rayline_train(config, run_uri: str) -> dict:
         "valid_aucpr": result.valid_aucpr,
         "plan": result.plan,
         "reason": result.plan_reason,
+    }
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median time (an odd count gives a real run, so its metrics match)."""
+    middle = statistics.median_low(run["seconds"] for run in runs)
+    return {
+        **next(run for run in runs if run["seconds"] == middle),
+        "all_seconds": [round(run["seconds"], 3) for run in runs],
     }
 
 
@@ -101,6 +113,8 @@ def main(
     rounds: Annotated[
         int, typer.Option(help="Boosting rounds (early stopping may end sooner)")
     ] = 300,
+    repeat: Annotated[int, typer.Option(help="Timed runs per size and side (medians)")] = 3,
+    tag: Annotated[str, typer.Option(help="Results file suffix (default: the plan)")] = "",
     base: Annotated[str, typer.Option(help="Scratch folder")] = "/tmp/rayline-bench/train",
 ) -> None:
     """Benchmark rayline train against plain xgboost at two data sizes."""
@@ -118,7 +132,9 @@ def main(
         "sizes": {},
     }
     results["ray_start_seconds"] = round(init_ray(None), 2)
-    table = Table(title="train: rayline vs plain xgboost (Ray start excluded)")
+    table = Table(
+        title=f"train: rayline vs plain xgboost, medians of {repeat} (Ray start excluded)"
+    )
     for column in (
         "rows",
         "train rows",
@@ -128,13 +144,18 @@ def main(
         "extra s",
         "plan",
         "valid PR-AUC plain / rayline",
+        "load (1 min)",
     ):
         table.add_column(column)
     for size in (small_rows, rows):
         config, run_uri = prepared_run(size, Path(base), overrides)
         plain_xgboost(config, run_uri)  # warm the page cache and xgboost's lazy init
-        plain = plain_xgboost(config, run_uri)
-        ours = rayline_train(config, run_uri)
+        runs: dict[str, list] = {"plain": [], "rayline": [], "load": []}
+        for _ in range(repeat):
+            runs["load"].append(round(os.getloadavg()[0], 2))
+            runs["plain"].append(plain_xgboost(config, run_uri))
+            runs["rayline"].append(rayline_train(config, run_uri))
+        plain, ours = (median_run(runs[side]) for side in ("plain", "rayline"))
         train_rows = Storage().read_json(join(run_uri, "features", "_report.json"))["rows"]["train"]
         ratio, extra = ours["seconds"] / plain["seconds"], ours["seconds"] - plain["seconds"]
         results["sizes"][size] = {
@@ -143,6 +164,7 @@ def main(
             "rayline": ours,
             "ratio": round(ratio, 3),
             "extra_seconds": round(extra, 3),
+            "runs": runs,
         }
         table.add_row(
             f"{size:,}",
@@ -153,10 +175,13 @@ def main(
             f"{extra:+.2f}",
             ours["plan"],
             f"{plain['valid_aucpr']:.4f} / {ours['valid_aucpr']:.4f}",
+            " ".join(f"{load:g}" for load in runs["load"]),
         )
     console.print(table)
     console.print(f"Ray start (excluded above): {results['ray_start_seconds']} s")
-    out = ROOT / "benchmarks" / "results" / f"train-{date.today():%Y%m%d}.json"
+    suffix = tag or ("" if plan == "auto" else plan)
+    name = f"train-{suffix + '-' if suffix else ''}{date.today():%Y%m%d}.json"
+    out = ROOT / "benchmarks" / "results" / name
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2, default=str))
     console.print(f"results: {out}")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import xgboost as xgb
 
 from jobs.config import Config, TrainConfig
@@ -297,3 +298,24 @@ def save_booster(storage: Storage, booster: xgb.Booster, uri: str) -> None:
 def read_split(storage: Storage, run_uri: str, split: str, label: str, names: list[str]):
     table = storage.read_table_dir(join(run_uri, "features", split))
     return to_matrix(table, label, names)
+
+
+def read_shard(storage: Storage, uri: str, columns: list[str], rank: int, world: int) -> pa.Table:
+    """Rows [rank/world, (rank+1)/world) of the parquet files under `uri`, read straight from
+    storage: only the row groups that hold them, only `columns`. The distributed plan's workers
+    each read their own shard this way (no driver, object store or split coordinator between),
+    and a shard is the same rows on every run and after a restart."""
+    fs, _ = storage.filesystem(uri)
+    paths = [f.removeprefix("s3://") for f in storage.list_files(uri)]
+    files = [pq.ParquetFile(path, filesystem=fs) for path in paths]
+    total = sum(f.metadata.num_rows for f in files)
+    first, last = total * rank // world, total * (rank + 1) // world
+    pieces, offset = [files[0].schema_arrow.empty_table().select(columns)], 0
+    for file in files:
+        for group in range(file.num_row_groups):
+            rows = file.metadata.row_group(group).num_rows
+            start, end = max(first, offset) - offset, min(last, offset + rows) - offset
+            if start < end:
+                pieces.append(file.read_row_group(group, columns=columns).slice(start, end - start))
+            offset += rows
+    return pa.concat_tables(pieces)

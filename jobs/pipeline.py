@@ -25,7 +25,7 @@ from jobs.ingest import ingest
 from jobs.promotion import promotion_gate
 from jobs.ray_runtime import init_ray
 from jobs.rightsizing import rightsize
-from jobs.run_cost import cost_report
+from jobs.run_cost import DrainWatch, cost_report
 from jobs.runs import new_run_id
 from jobs.storage import Storage, join
 from jobs.train import train_model
@@ -96,6 +96,7 @@ def finish_run(
     quiet: bool = False,
     started_at: float | None = None,
     usage: UsageSampler | None = None,
+    drains: DrainWatch | None = None,
 ):
     """Train -> evaluate -> gate -> publish for a run that already has features.
 
@@ -122,7 +123,7 @@ def finish_run(
     )
     registry_uri = join(config.storage, "registry")
     gate = promotion_gate(config, run_uri, evaluation.metrics, storage)
-    cost = cost_report(started_at).as_dict()
+    cost = cost_report(started_at, drained=drains.drained if drains else None).as_dict()
     if usage is not None:
         measured = usage.stop()
         cost["usage"] = measured
@@ -172,7 +173,7 @@ def run_pipeline(
     started_at = time.time()
     seconds = {"ray_start": init_ray(config)}
     run_uri = join(config.storage, "runs", new_run_id())
-    with UsageSampler() as usage:  # stopped by finish_run, or here if a stage fails
+    with UsageSampler() as usage, DrainWatch() as drains:  # finish_run reads both
         ingested = _timed(seconds, "ingest", ingest, config, run_uri, storage)
         features = _timed(
             seconds, "features", build_features, config, run_uri, storage, ingested.fact_blocks
@@ -188,6 +189,7 @@ def run_pipeline(
             quiet=quiet,
             started_at=started_at,
             usage=usage,
+            drains=drains,
         )
 
 

@@ -13,6 +13,7 @@ neither (a laptop, a `ray start` without labels) is counted in node-hours but no
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -84,6 +85,7 @@ def node_records() -> list[dict[str, Any]]:
                 "end_ms": int(info.end_time_ms) if dead and info.end_time_ms else None,
                 "death_reason": death.Name(info.death_info.reason) if dead else None,
                 "death_message": info.death_info.reason_message if dead else "",
+                "draining": info.state_snapshot.state == gcs_pb2.NodeSnapshot.State.DRAINING,
             }
         )
     return records
@@ -133,14 +135,44 @@ def node_usage(record: dict, started_at: float, ended_at: float, table: dict) ->
     )
 
 
-def interruption(node: NodeUsage) -> str | None:
-    """How a node that died during the run went: a drain for preemption (a cloud notice),
-    or a spot node lost without notice; None for a node that lived on or was removed idle."""
+def interruption(node: NodeUsage, drained: set[str]) -> str | None:
+    """How a node that died during the run went: after a drain (a cloud notice relayed by the
+    spot watcher), or a spot node lost without notice; None for a node that lived on or that
+    the autoscaler removed idle. A drained node the cloud then powers off dies "unexpectedly"
+    in the GCS's eyes, so a drain seen during the run (`DrainWatch`) counts as the notice."""
     if node.ended in PREEMPTED_REASONS:
+        return "preempted_with_notice"
+    if node.ended in UNEXPECTED_REASONS and node.node_id in drained:
         return "preempted_with_notice"
     if node.ended in UNEXPECTED_REASONS and node.market == "spot":
         return "lost_without_notice"
     return None
+
+
+class DrainWatch:
+    """Notes, every `interval_s`, which nodes the GCS shows draining: the death record of a
+    drained node that is then powered off does not say it had notice. Best effort: a failed
+    look is skipped."""
+
+    def __init__(self, interval_s: float = 2.0) -> None:
+        self.interval_s, self.drained = interval_s, set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="rayline-drains", daemon=True)
+
+    def __enter__(self) -> DrainWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.drained |= {r["node_id"] for r in node_records() if r["draining"]}
+            except Exception:  # noqa: BLE001 - a cost detail must never fail a run
+                continue
 
 
 def cost_report(
@@ -148,6 +180,7 @@ def cost_report(
     ended_at: float | None = None,
     records: list[dict] | None = None,
     prices_path: str | Path = PRICES,
+    drained: set[str] | None = None,
 ) -> CostReport:
     """Prices the cluster's nodes between `started_at` and `ended_at` (epoch seconds)."""
     ended_at = ended_at if ended_at is not None else time.time()
@@ -172,7 +205,7 @@ def cost_report(
         )
         group["nodes"] += 1
         group["node_hours"] += node.hours
-        kind = interruption(node)
+        kind = interruption(node, drained or set())
         if kind:
             report.interruptions[kind] = report.interruptions.get(kind, 0) + 1
         if node.dollars is None:

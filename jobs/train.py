@@ -1,9 +1,11 @@
 """Train: XGBoost on the train split, early stopping on valid, checkpoints to storage.
 
-Two plans, one training function. `distributed` runs Ray Train's XGBoostTrainer over Ray Data
-shards; `single` runs one Ray task holding all of a node's CPUs, which skips Ray Train's fixed
-costs (worker group start, dataset split, per-report polling) that dominate small data. Both
-checkpoint every N rounds and resume from the latest checkpoint after a failure.
+Two plans, one training function. `distributed` (jobs/train_distributed.py) runs Ray Train's
+XGBoostTrainer, each worker reading its own contiguous shard of the features from storage;
+`single` (jobs/train_plans.py) runs one Ray task holding all of a node's CPUs, which skips Ray
+Train's fixed costs (worker group start, report polling) that dominate small data. Both
+checkpoint every N rounds and resume from the latest checkpoint after a failure; the
+distributed plan also checkpoints just in time on a spot preemption notice.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from jobs.errors import TrainingError, causes
 from jobs.ray_runtime import init_ray
 from jobs.runs import new_run_id
 from jobs.storage import Storage, join
-from jobs.train_plans import run_distributed, run_single
+from jobs.train_distributed import run_distributed
+from jobs.train_plans import run_single
 
 
 def choose_plan(train: TrainConfig, rows: int, cluster_cpus: float, nodes: int) -> tuple[str, str]:

@@ -1,21 +1,18 @@
-"""The two ways `jobs.train` runs the same training function: one task, or Ray Train workers."""
+"""The single plan (one Ray task with every CPU of a node) and what both plans share:
+progress reporting, storage checkpoints and the fit summary. The distributed plan (Ray Train
+workers) is in `jobs.train_distributed`."""
 
 from __future__ import annotations
 
-import json
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
-import pyarrow as pa
 import ray
 import xgboost as xgb
 
 from jobs.boosting import (
-    MODEL_FILE,
     ResumableEarlyStopping,
     TrainResult,
     apply_imbalance,
@@ -25,8 +22,6 @@ from jobs.boosting import (
     load_booster,
     load_splits,
     save_booster,
-    to_matrix,
-    training_key,
     xgb_params,
 )
 from jobs.config import Config, TrainConfig
@@ -34,7 +29,6 @@ from jobs.errors import TrainingError
 from jobs.progress import ProgressBoard, bar, follow, quiet
 from jobs.storage import Storage, join
 
-STOPPER_FILE = "early_stopping.json"
 PROGRESS_EVERY_S = 1.0
 
 
@@ -137,7 +131,7 @@ def latest_checkpoint(storage: Storage, uri: str) -> tuple[xgb.Booster | None, d
     return load_booster(storage, pointer["uri"]), pointer.get("early_stopping", {})
 
 
-def _finish(
+def finish_summary(
     booster: xgb.Booster, stopper: ResumableEarlyStopping, resumed: int, rows: int
 ) -> tuple[xgb.Booster, dict]:
     rounds = booster.num_boosted_rounds()
@@ -179,7 +173,7 @@ def _train_task(
     if board is not None:
         callbacks.append(ReportProgress(board))
     booster, history = fit_booster(dtrain, dvalid, params, train, callbacks, start, stopper)
-    model, summary = _finish(booster, stopper, resumed, len(y_train))
+    model, summary = finish_summary(booster, stopper, resumed, len(y_train))
     save_booster(storage, model, model_uri)
     return {**summary, "params": params, "history": history, "checkpoint_uri": checkpoints}
 
@@ -237,160 +231,4 @@ def run_single(
         cpus=cpus,
         checkpoint_uri=out["checkpoint_uri"],
         history=out["history"],
-    )
-
-
-class ReportEvery(xgb.callback.TrainingCallback):
-    """Reports to Ray Train only every `every` rounds, with a checkpoint from rank 0.
-
-    Ray's RayTrainReportCallback reports metrics on every round; each report waits for the
-    controller's poll, which cost about 2 s a round on small data.
-    """
-
-    def __init__(self, every: int, stopper: ResumableEarlyStopping):
-        self.every, self.stopper = every, stopper
-
-    def after_iteration(self, model, epoch, evals_log) -> bool:
-        if model.num_boosted_rounds() % self.every == 0:
-            report(model, evals_log, self.stopper)
-        return False
-
-
-def report(
-    model: xgb.Booster, evals_log: dict, stopper: ResumableEarlyStopping, extra: dict | None = None
-) -> None:
-    import ray.train
-
-    metrics = {f"valid-{k}": float(v[-1]) for k, v in evals_log.get("valid", {}).items()}
-    metrics.update(extra or {}, rounds=model.num_boosted_rounds())
-    if ray.train.get_context().get_world_rank() == 0:
-        with tempfile.TemporaryDirectory() as folder:
-            model.save_model(Path(folder, MODEL_FILE))
-            Path(folder, STOPPER_FILE).write_text(json.dumps(stopper.state()))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
-    else:
-        ray.train.report(metrics)
-
-
-def _worker_loop(loop_config: dict) -> None:
-    import ray.train
-
-    names, label, train = loop_config["names"], loop_config["label"], loop_config["train"]
-    rank = ray.train.get_context().get_world_rank()
-
-    def shard(name: str):
-        batches = ray.train.get_dataset_shard(name).iter_batches(
-            batch_format="pyarrow", batch_size=None
-        )
-        return to_matrix(pa.concat_tables(list(batches)), label, names)
-
-    x_train, y_train = shard("train")
-    x_valid, y_valid = shard("valid")
-    x_train, y_train, weights = apply_imbalance(
-        x_train, y_train, loop_config["imbalance"], loop_config["seed"] + rank
-    )
-    dtrain = xgb.DMatrix(x_train, y_train, weight=weights, feature_names=names)
-    dvalid = xgb.DMatrix(x_valid, y_valid, feature_names=names)
-    start, resumed, state = None, 0, {}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as folder:
-            start = xgb.Booster(model_file=str(Path(folder, MODEL_FILE)))
-            if Path(folder, STOPPER_FILE).exists():
-                state = json.loads(Path(folder, STOPPER_FILE).read_text())
-        resumed = start.num_boosted_rounds()
-    stopper = ResumableEarlyStopping(train.early_stopping_rounds, state=state)
-    callbacks = [ReportEvery(train.checkpoint_every, stopper)]
-    if rank == 0 and loop_config.get("board") is not None:
-        callbacks.append(ReportProgress(loop_config["board"]))
-    booster, history = fit_booster(
-        dtrain, dvalid, loop_config["params"], train, callbacks, start, stopper
-    )
-    model, summary = _finish(booster, stopper, resumed, len(y_train))
-    report(model, history, stopper, {**summary, "final": 1})
-
-
-def run_distributed(
-    config: Config,
-    train: TrainConfig,
-    run_uri: str,
-    storage: Storage,
-    imbalance: dict,
-    model_uri: str,
-) -> TrainResult:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.v2.api.config import LoggingConfig
-    from ray.train.xgboost import XGBoostTrainer
-
-    spec = storage.read_json(join(run_uri, "features", "feature_spec.json"))
-    datasets = {}
-    for split in ("train", "valid"):
-        fs, path = storage.filesystem(join(run_uri, "features", split))
-        # Materialize before the workers take their CPUs: read tasks must never starve.
-        datasets[split] = ray.data.read_parquet(path, filesystem=fs).materialize()
-    storage_uri = join(run_uri, "train", "ray_train")
-    fs, path = storage.filesystem(storage_uri)
-    board = progress_board("starting the worker group")
-    trainer = XGBoostTrainer(
-        _worker_loop,
-        train_loop_config={
-            "names": spec["feature_names"],
-            "label": config.features.label,
-            "train": train,
-            "imbalance": imbalance,
-            "seed": config.seed,
-            "params": xgb_params(train, config.seed, int(train.cpus_per_worker), imbalance),
-            "board": board,
-        },
-        scaling_config=ScalingConfig(
-            num_workers=train.num_workers,
-            use_gpu=train.gpus_per_worker > 0,
-            resources_per_worker={
-                "CPU": train.cpus_per_worker,
-                **({"GPU": train.gpus_per_worker} if train.gpus_per_worker else {}),
-            },
-            label_selector=dict(train.label_selector) or None,
-        ),
-        run_config=RunConfig(
-            name=f"xgboost-{training_key(train, config.seed, features_digest(storage, run_uri))}",
-            storage_path=path,
-            storage_filesystem=fs,
-            failure_config=FailureConfig(max_failures=train.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-            logging_config=LoggingConfig(log_level="WARNING"),
-        ),
-        datasets=datasets,
-    )
-    started = time.perf_counter()
-    workers = f"{train.num_workers} worker{'s' if train.num_workers != 1 else ''}"
-    description = f"train (Ray Train, {workers})"
-    try:
-        with following(board, description, total=train.num_boost_round):
-            result = trainer.fit()
-    finally:
-        if board is not None:
-            ray.kill(board)
-    metrics = result.metrics
-    with result.checkpoint.as_directory() as folder:
-        booster = xgb.Booster(model_file=str(Path(folder, MODEL_FILE)))
-    save_booster(storage, booster, model_uri)
-    return TrainResult(
-        model_uri=model_uri,
-        plan="distributed",
-        plan_reason="",
-        params=xgb_params(train, config.seed, None, imbalance),
-        imbalance=imbalance,
-        best_iteration=int(metrics["best_iteration"]),
-        rounds=int(metrics["rounds"]),
-        valid_aucpr=float(metrics["valid_aucpr"]),
-        resumed_from_round=int(metrics["resumed_from_round"]),
-        train_rows=(
-            int(metrics["train_rows"]) * train.num_workers  # rank 0's sample, scaled
-            if "negatives_kept_fraction" in imbalance
-            else storage.read_json(join(run_uri, "features", "_report.json"))["rows"]["train"]
-        ),
-        seconds=0.0,
-        cpus=train.num_workers * train.cpus_per_worker,
-        checkpoint_uri=storage_uri,
-        history={"fit_seconds": round(time.perf_counter() - started, 3)},
     )

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import requests
 
 from tests.conftest import ROOT, free_port
@@ -44,6 +45,13 @@ def pids_mentioning(text: str) -> list[int]:
         if text in cmdline:
             pids.append(int(entry.name))
     return pids
+
+
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 @dataclass
@@ -193,23 +201,31 @@ class LocalCluster:
         raise TimeoutError(f"node {node.name} did not join:\n{node.log.read_text()}")
 
     def stop_node(self, name: str, sig: int = signal.SIGTERM, wait_s: float = 60) -> None:
-        """Stops one node by its own process: SIGTERM is a clean stop, SIGKILL a lost machine
-        (then the node's raylet and workers are killed too, by their process group)."""
+        """Stops one node by its own process. SIGTERM is a clean stop; if the node's processes
+        are not all gone within `wait_s`, the machine is powered off: every process of the
+        node is SIGKILLed, as SIGKILL does at once (a lost machine)."""
         node = self.nodes[name]
         if node.process.poll() is not None:
             return
-        if sig == signal.SIGKILL:
-            # A lost machine takes all its processes with it; `ray start --block` started
-            # them in its own session, so they share its process group.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(node.process.pid, signal.SIGKILL)
-        else:
+        tree = self._node_processes(node)  # before the signal: orphans lose their parent link
+        if sig != signal.SIGKILL:
             node.process.send_signal(sig)
+            deadline = time.monotonic() + wait_s
+            while time.monotonic() < deadline and any(_alive(p) for p in tree):
+                tree += [c for c in self._node_processes(node) if c not in tree]
+                time.sleep(0.2)
+        for process in tree:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        node.process.wait(timeout=30)
+
+    def _node_processes(self, node: Node) -> list[psutil.Process]:
+        """The node's `ray start` process and every process under it (raylet, agents, workers)."""
         try:
-            node.process.wait(timeout=wait_s)
-        except subprocess.TimeoutExpired:
-            node.process.kill()
-            node.process.wait(timeout=30)
+            root = psutil.Process(node.process.pid)
+            return [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return []
 
     def shutdown(self) -> list[int]:
         """Stops workers, then the head; returns processes that had to be killed after."""

@@ -112,3 +112,14 @@ def test_cost_of_a_local_run_is_recorded_in_the_bundle(pipeline_run):
     assert result.cost["rightsizing"]["reason"]
     window = result.cost["ended_at"] - result.cost["started_at"]
     assert window > sum(v for k, v in result.seconds.items() if k != "reference") * 0.9
+
+
+def test_a_drained_node_that_is_then_powered_off_had_notice():
+    """The cloud powers a drained node off at the deadline: the GCS records an unexpected
+    death, but the drain seen during the run (DrainWatch) makes it an interruption with notice."""
+    records = [
+        node("a", 0, 1, labels=spot("m6i.2xlarge"), reason="UNEXPECTED_TERMINATION"),
+        node("b", 0, 1, labels=spot("m6i.2xlarge"), reason="UNEXPECTED_TERMINATION"),
+    ]
+    report = cost_report(T0, T0 + 2 * HOUR, records=records, drained={"a"})
+    assert report.interruptions == {"preempted_with_notice": 1, "lost_without_notice": 1}
