@@ -26,7 +26,8 @@ from jobs.boosting import (
     xgb_params,
 )
 from jobs.config import Config, TrainConfig
-from jobs.preemption import JustInTimeCheckpoint, interruption_ledger
+from jobs.interruptions import interruption_ledger
+from jobs.preemption import JustInTimeCheckpoint
 from jobs.storage import Storage, join
 from jobs.train_plans import ReportProgress, finish_summary, following, progress_board
 
