@@ -1,14 +1,18 @@
 """Ray Tune (with and without ASHA) vs plain sequential Optuna: 16 trials on the same data.
 
-    python -m benchmarks.tune [--rows 300000] [--trials 16] [--rounds 50]
+    python -m benchmarks.tune [--rows 300000] [--trials 16] [--rounds 50] [--repeat 3]
 
 Reports wall time and the best validation PR-AUC of each. Ray start-up is timed separately.
+Each repetition runs plain Optuna and then every Tune variant, so each ratio compares runs made
+under the same load (another process may share the machine); the table shows medians over the
+repetitions and the 1-minute load average is recorded with every run.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
 import time
 from datetime import date
@@ -74,7 +78,11 @@ def main(
     rows: Annotated[int, typer.Option(help="Transactions to generate")] = 300_000,
     trials: Annotated[int, typer.Option(help="Trials per search")] = 16,
     rounds: Annotated[int, typer.Option(help="Max boosting rounds per trial")] = 50,
+    repeat: Annotated[int, typer.Option(help="Repetitions (medians are reported)")] = 3,
     base: Annotated[str, typer.Option(help="Scratch folder")] = "/tmp/rayline-bench/train",
+    out: Annotated[
+        str | None, typer.Option(help="Results JSON (default benchmarks/results/)")
+    ] = None,
 ) -> None:
     """Benchmark Ray Tune against sequential Optuna."""
     from rich.table import Table
@@ -92,6 +100,10 @@ def main(
         "ray tune random, no ASHA": {"tune.asha": False, "tune.search": "random"},
         "ray tune random + ASHA": {"tune.asha": True, "tune.search": "random"},
         "ray tune optuna + ASHA": {"tune.asha": True, "tune.search": "optuna"},
+        "ray tune optuna + ASHA, 1 trial x 2 CPUs": {
+            **{"tune.asha": True, "tune.search": "optuna"},
+            **{"tune.max_concurrent": 1, "tune.cpus_per_trial": 2},
+        },
     }
     results = {
         "command": " ".join(sys.argv),
@@ -101,30 +113,49 @@ def main(
         "runs": {},
     }
     config, run_uri = prepared_run(rows, Path(base), overrides)
-    plain = plain_optuna(config, run_uri, trials)
-    results["runs"]["plain optuna, sequential"] = plain
-    for name, extra in variants.items():
-        variant, _ = prepared_run(rows, Path(base), {**overrides, **extra})
-        result = tune_model(variant, run_uri, restore=False)
-        results["runs"][name] = {
-            "seconds": result.seconds,
-            "best": result.best_score,
-            "trials": result.trials,
-            "stopped_early": result.trials_stopped_early,
-        }
-    table = Table(title=f"tune: {trials} trials, {rows:,} transactions (Ray start excluded)")
-    for column in ("search", "wall s", "vs optuna", "best valid PR-AUC", "stopped early"):
+    results["load_before"] = os.getloadavg()
+    for _ in range(repeat):
+        load = os.getloadavg()[0]
+        plain = plain_optuna(config, run_uri, trials)
+        results["runs"].setdefault("plain optuna, sequential", []).append({**plain, "load": load})
+        for name, extra in variants.items():
+            variant, _ = prepared_run(rows, Path(base), {**overrides, **extra})
+            load = os.getloadavg()[0]
+            result = tune_model(variant, run_uri, restore=False)
+            results["runs"].setdefault(name, []).append(
+                {
+                    "seconds": result.seconds,
+                    "vs_optuna": result.seconds / plain["seconds"],
+                    "best": result.best_score,
+                    "trials": result.trials,
+                    "stopped_early": result.trials_stopped_early,
+                    "load": load,
+                }
+            )
+    results["load_after"] = os.getloadavg()
+    table = Table(
+        title=f"tune: {trials} trials, {rows:,} transactions, medians of {repeat} "
+        "(Ray start excluded)"
+    )
+    for column in ("search", "wall s", "vs optuna", "best valid PR-AUC", "stopped early", "load"):
         table.add_column(column)
-    for name, run in results["runs"].items():
+    for name, runs in results["runs"].items():
+        median = {
+            key: statistics.median(run[key] for run in runs)
+            for key in ("seconds", "vs_optuna", "best", "stopped_early", "load")
+            if key in runs[0]
+        }
+        results.setdefault("medians", {})[name] = median
         table.add_row(
             name,
-            f"{run['seconds']:.1f}",
-            f"{run['seconds'] / plain['seconds']:.2f}x",
-            f"{run['best']:.4f}",
-            str(run.get("stopped_early", "-")),
+            f"{median['seconds']:.1f}",
+            f"{median.get('vs_optuna', 1):.2f}x",
+            f"{median['best']:.4f}",
+            f"{median['stopped_early']:g}" if "stopped_early" in median else "-",
+            f"{median['load']:.1f}",
         )
     console.print(table)
-    out = ROOT / "benchmarks" / "results" / f"tune-{date.today():%Y%m%d}.json"
+    out = Path(out or ROOT / "benchmarks" / "results" / f"tune-{date.today():%Y%m%d}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2, default=str))
     console.print(f"Ray start (excluded): {ray_start:.1f} s; results: {out}")

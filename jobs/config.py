@@ -235,6 +235,9 @@ class TuneConfig(Strict):
     num_samples: int = Field(16, ge=1, description="maximum number of trials")
     max_concurrent: int = Field(2, ge=1)
     time_budget_s: float | None = Field(None, gt=0, description="stop starting trials after this")
+    budget_usd: float | None = Field(
+        None, gt=0, description="stop when the cluster has spent this many dollars since tuning"
+    )
     asha: bool = True
     grace_period: int = Field(10, ge=1)
     reduction_factor: int = Field(3, ge=2)

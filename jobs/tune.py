@@ -1,7 +1,9 @@
 """Tune: Ray Tune over the same training function, then retrain the best and register it.
 
-Search space, searcher (random or Optuna), ASHA early stopping, trial count, wall-time budget
-and CPUs per trial all come from the config's `tune:` section. The experiment lives under the
+Search space, searcher (random or Optuna), ASHA early stopping, trial count, wall-time and
+dollar budgets (`jobs.tune_runtime`) and CPUs per trial all come from the config's `tune:`
+section; the result says which of trials, time or budget stopped the search and what the
+cluster spent meanwhile. The experiment lives under the
 run's storage, so an interrupted search resumes with `Tuner.restore`.
 
 That state is pickled, and unpickling runs code, so it is signed (`jobs.signing`: an HMAC with
@@ -23,7 +25,6 @@ from typing import Annotated
 
 import numpy as np
 import typer
-import xgboost as xgb
 
 from jobs.boosting import apply_imbalance, load_splits, stop_metric, xgb_params
 from jobs.config import LOWER_IS_BETTER, Config, TuneConfig, load_config
@@ -33,8 +34,7 @@ from jobs.progress import bar
 from jobs.ray_runtime import init_ray
 from jobs.signing import sign_tree, verify_tree
 from jobs.storage import Storage, join
-
-REPORT_EVERY = 5  # divides ASHA's rungs for the default grace_period (10) and factor (3)
+from jobs.tune_runtime import BudgetWatch, _rungs, _trial, _watch, budget_stopper
 
 
 class TuneInterrupted(TrainingError):
@@ -51,6 +51,10 @@ class TuneResult:
     seconds: float
     experiment_uri: str
     results_uri: str
+    stopped_by: str  # "trials" (all of num_samples ran), "time" (time_budget_s) or "budget"
+    budget_usd: float | None
+    spent_usd: float | None  # the cluster's dollars while tuning; None when it cannot be priced
+    spend_note: str | None  # why spent_usd is None
     table: list[dict]
 
 
@@ -75,47 +79,6 @@ def search_space(tune_cfg: TuneConfig) -> dict:
         else:
             space[name] = getattr(tune, kind)(float(args[0]), float(args[1]))
     return space
-
-
-class _ReportEvery(xgb.callback.TrainingCallback):
-    """Reports the validation metric to Tune every `every` rounds and at the end.
-
-    ASHA only looks at its rungs (grace_period x reduction_factor^k rounds), so reporting every
-    round bought nothing; each report costs a round trip to the Tune driver.
-    """
-
-    def __init__(self, metric: str, every: int):
-        self.metric, self.every, self.last = metric, every, None
-
-    def _report(self, model) -> None:
-        from ray import tune
-
-        tune.report({f"valid_{self.metric}": self.last, "rounds": model.num_boosted_rounds()})
-
-    def after_iteration(self, model, epoch, evals_log) -> bool:
-        self.last = float(evals_log["valid"][self.metric][-1])
-        if model.num_boosted_rounds() % self.every == 0:
-            self._report(model)
-        return False
-
-    def after_training(self, model):
-        if self.last is not None and model.num_boosted_rounds() % self.every:
-            self._report(model)
-        return model
-
-
-def _trial(params: dict, data: dict, base: dict, rounds: int, early: int, metric: str) -> None:
-    dtrain = xgb.QuantileDMatrix(data["x_train"], data["y_train"], weight=data["weights"])
-    dvalid = xgb.QuantileDMatrix(data["x_valid"], data["y_valid"], ref=dtrain)
-    xgb.train(
-        {**base, **params},
-        dtrain,
-        num_boost_round=rounds,
-        evals=[(dvalid, "valid")],
-        early_stopping_rounds=early,
-        callbacks=[_ReportEvery(metric, REPORT_EVERY)],
-        verbose_eval=False,
-    )
 
 
 _progress: dict = {"update": None}  # the driver's bar while fit() runs; see _progress_callback
@@ -213,6 +176,7 @@ def _tuner(config: Config, experiment: tuple, trainable, restore: bool):
             storage_path=path,
             storage_filesystem=fs,
             verbose=0,
+            stop=budget_stopper(),  # finds the current BudgetWatch through jobs.tune_runtime
             callbacks=[_progress_callback(tune_cfg.num_boost_round)],
         ),
     )
@@ -243,10 +207,11 @@ def tune_model(
     else:  # a new search starts from an empty folder, so we never sign what someone left there
         storage.delete(state_uri)
         storage.delete(signature_uri)
-    started = time.perf_counter()
+    started, watch = time.perf_counter(), BudgetWatch(tune_cfg.budget_usd, time.time())
     splits = load_splits(storage, run_uri, config)
     init_ray(config)
-    x_valid, y_valid, imbalance = splits.x_valid, splits.y_valid, splits.imbalance
+    watch.over()  # with a budget, the first GCS read: warns now if it cannot bind
+    imbalance = splits.imbalance
     # Trials optimise the same objective training will: weights or down-sampling included.
     x_train, y_train, weights = apply_imbalance(
         splits.x_train, splits.y_train, imbalance, config.seed
@@ -256,26 +221,26 @@ def tune_model(
     trainable = tune.with_resources(
         tune.with_parameters(
             _trial,
-            data={
-                "x_train": x_train,
-                "y_train": y_train,
-                "weights": weights,
-                "x_valid": x_valid,
-                "y_valid": y_valid,
+            data={  # once in the object store; "token" names it for the trials' DMatrix cache
+                **{"x_train": x_train, "y_train": y_train, "weights": weights},
+                **{"x_valid": splits.x_valid, "y_valid": splits.y_valid},
+                "token": f"{state_uri}@{time.time()}",
             },
             base=base,
             rounds=tune_cfg.num_boost_round,
             early=config.train.early_stopping_rounds,
             metric=name,
+            rungs=_rungs(tune_cfg),
         ),
         {"cpu": tune_cfg.cpus_per_trial},
     )
     with bar("tune: trials", total=tune_cfg.num_samples) as update:
-        _progress["update"] = update
+        _progress["update"], _watch["current"] = update, watch
         try:  # on SIGINT Tune stops its trials, saves its state and returns normally
             grid, stopped = _fit(_tuner(config, (path, fs), trainable, resume))
+            spend = watch.summary()  # before signing and reading results: what tuning cost
         finally:
-            _progress["update"] = None
+            _progress["update"], _watch["current"] = None, None
             if storage.exists(state_uri):
                 sign_tree(storage, state_uri, signature_uri)
     finished = grid.num_terminated + grid.num_errors
@@ -299,8 +264,12 @@ def tune_model(
             }
         )
     if not rows:
-        raise TrainingError(f"no Tune trial reported {metric}; see {experiment_uri}")
+        spent = f" before tune.budget_usd={tune_cfg.budget_usd} was spent" * watch.reached
+        raise TrainingError(f"no Tune trial reported {metric}{spent}; see {experiment_uri}")
     best = best_of(rows, key=lambda row: row["best"])
+    seconds = time.perf_counter() - started
+    over_time = tune_cfg.time_budget_s is not None and seconds >= tune_cfg.time_budget_s
+    stopped_by = "budget" if watch.reached else "time" if over_time else "trials"
     result = TuneResult(
         best_params={
             k: (int(v) if isinstance(v, np.integer) else v)
@@ -311,9 +280,11 @@ def tune_model(
         metric=metric,
         trials=len(rows),
         trials_stopped_early=sum(r["rounds"] < tune_cfg.num_boost_round for r in rows),
-        seconds=round(time.perf_counter() - started, 3),
+        seconds=round(seconds, 3),
         experiment_uri=experiment_uri,
         results_uri=join(experiment_uri, "results.json"),
+        stopped_by=stopped_by,
+        **spend,
         table=rows,
     )
     storage.write_json(result.results_uri, asdict(result))
@@ -372,9 +343,11 @@ def print_results(result: TuneResult) -> None:
             *[f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in columns]
         )
     console.print(table)
+    spent = "unknown" if result.spent_usd is None else f"${result.spent_usd:.4f}"
+    budget = "" if result.budget_usd is None else f" of ${result.budget_usd:g}"
     console.print(
-        f"best {result.metric}={result.best_score:.4f} with {result.best_params}; "
-        f"results: {result.results_uri}"
+        f"best {result.metric}={result.best_score:.4f} with {result.best_params}; stopped by "
+        f"{result.stopped_by}; spent {spent}{budget}; results: {result.results_uri}"
     )
 
 

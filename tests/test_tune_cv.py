@@ -47,11 +47,16 @@ def test_unknown_tune_parameter_is_named_when_the_config_is_parsed():
 @pytest.mark.slow
 def test_tune_with_asha_finds_params_inside_the_space(pipeline_run):
     config, result = pipeline_run
-    tuning = make_config("d", config.storage, **SMALL_TUNE)
+    # The session's local Ray has no instance-type label: a dollar budget cannot bind.
+    tuning = make_config("d", config.storage, **SMALL_TUNE, **{"tune.budget_usd": 0.5})
     handler = signal.getsignal(signal.SIGINT)
-    tuned = tune_model(tuning, result.run_uri, restore=False)
+    with pytest.warns(UserWarning, match=r"budget_usd=0.5 cannot bind.*cannot be priced") as seen:
+        tuned = tune_model(tuning, result.run_uri, restore=False)
+    assert len([w for w in seen if "cannot bind" in str(w.message)]) == 1  # said once
     assert signal.getsignal(signal.SIGINT) is handler  # Ctrl+C works again after Tune
-    assert tuned.trials == 4
+    assert tuned.trials == 4 and tuned.stopped_by == "trials"
+    assert tuned.budget_usd == 0.5 and tuned.spent_usd is None
+    assert "cannot be priced" in tuned.spend_note
     assert 3 <= tuned.best_params["max_depth"] <= 10
     assert 0.02 <= tuned.best_params["eta"] <= 0.3
     assert tuned.best_score == max(row["best"] for row in tuned.table)
