@@ -8,6 +8,7 @@ inspected, continued stage by stage (`finish_run`), or re-run.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Annotated
@@ -30,6 +31,8 @@ from jobs.runs import new_run_id
 from jobs.storage import Storage, join
 from jobs.train import train_model
 from jobs.usage import UsageSampler
+
+log = logging.getLogger("rayline.pipeline")
 
 
 @dataclass
@@ -79,6 +82,22 @@ def lineage(
     }
 
 
+def run_cost(started_at: float, usage: UsageSampler | None, drains: DrainWatch | None) -> dict:
+    """The run's cost report (with usage and rightsizing when measured). A cost detail never
+    costs the run its model: any failure here becomes an `error` entry and one warning."""
+    measured = usage.stop() if usage is not None else None
+    try:
+        cost = cost_report(started_at, drained=drains.drained if drains else None).as_dict()
+        if measured is not None:
+            cost["usage"] = measured
+            cost["rightsizing"] = rightsize(measured, cost, load_prices())
+        return cost
+    except Exception as error:  # noqa: BLE001 - reported, never fatal
+        message = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+        log.warning("run cost not computed: %s", message)
+        return {"error": message, "started_at": started_at, "ended_at": time.time()}
+
+
 def _timed(seconds: dict, name: str, function, *args, **kwargs):
     started = time.perf_counter()
     value = function(*args, **kwargs)
@@ -123,11 +142,7 @@ def finish_run(
     )
     registry_uri = join(config.storage, "registry")
     gate = promotion_gate(config, run_uri, evaluation.metrics, storage)
-    cost = cost_report(started_at, drained=drains.drained if drains else None).as_dict()
-    if usage is not None:
-        measured = usage.stop()
-        cost["usage"] = measured
-        cost["rightsizing"] = rightsize(measured, cost, load_prices())
+    cost = run_cost(started_at, usage, drains)
     storage.write_json(join(run_uri, "cost.json"), cost)
     record = {
         **lineage(config, run_uri, storage, trained, evaluation, seconds),

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jobs.cluster import INSTANCE_LABEL, MARKET_LABEL, PRICES, load_prices
+from jobs.cluster import INSTANCE_LABEL, MARKET_LABEL, MARKETS, PRICES, load_prices
 
 PREEMPTED_REASONS = {"AUTOSCALER_DRAIN_PREEMPTED"}
 UNEXPECTED_REASONS = {"UNEXPECTED_TERMINATION"}
@@ -112,7 +112,9 @@ def node_usage(record: dict, started_at: float, ended_at: float, table: dict) ->
     labels = record["labels"]
     instance = labels.get(INSTANCE_LABEL) or record["instance_type"]
     market = labels.get(MARKET_LABEL) or ("on-demand" if instance else "unknown")
-    entry = table.get(instance) if instance else None
+    if market not in MARKETS:  # "Spot", "preemptible": a typo must not be priced as on-demand
+        market = "unknown"
+    entry = table.get(instance) if instance and market != "unknown" else None
     dollars = on_demand = None
     if entry is not None:
         on_demand = hours * float(entry["on_demand"])
@@ -142,7 +144,7 @@ def interruption(node: NodeUsage, drained: set[str]) -> str | None:
     in the GCS's eyes, so a drain seen during the run (`DrainWatch`) counts as the notice."""
     if node.ended in PREEMPTED_REASONS:
         return "preempted_with_notice"
-    if node.ended in UNEXPECTED_REASONS and node.node_id in drained:
+    if node.ended in UNEXPECTED_REASONS and node.node_id in drained and node.market == "spot":
         return "preempted_with_notice"
     if node.ended in UNEXPECTED_REASONS and node.market == "spot":
         return "lost_without_notice"

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import time
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from typing import Annotated
 
 import requests
@@ -31,6 +32,7 @@ import typer
 from jobs.errors import ConfigError
 
 log = logging.getLogger("rayline.spot_watcher")
+UTC = timezone.utc  # datetime.UTC is Python 3.11+; cluster images may run 3.10
 
 AWS_BASE = "http://169.254.169.254"
 GCP_BASE = "http://metadata.google.internal"
@@ -80,10 +82,14 @@ class AwsPoller:
         return response
 
     def poll(self) -> float | None:
-        """Seconds until the interruption (0..120), or None while there is no notice."""
-        self._check_rebalance()
+        """Seconds until the interruption (0..120), or None while there is no notice. The notice
+        is read first: a slow or broken rebalance endpoint must never hide it."""
         response = self._get("spot/instance-action")
         if response.status_code == 404:
+            try:
+                self._check_rebalance()
+            except (requests.RequestException, MetadataError) as error:
+                log.info("rebalance recommendation unreadable: %s", type(error).__name__)
             return None
         if response.status_code != 200:
             raise MetadataError(f"spot/instance-action answered {response.status_code}")
@@ -265,8 +271,10 @@ def main(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s spot-watcher %(message)s")
     if cloud not in ("aws", "gcp"):
         raise ConfigError(f"--cloud must be aws or gcp, got {cloud!r}")
-    if interval_s <= 0:
-        raise ConfigError(f"--interval-s must be positive, got {interval_s}")
+    if not (math.isfinite(interval_s) and interval_s > 0):
+        raise ConfigError(f"--interval-s must be a positive number of seconds, got {interval_s}")
+    if not (math.isfinite(gcp_notice_s) and gcp_notice_s >= 0):
+        raise ConfigError(f"--gcp-notice-s must be a number of seconds >= 0, got {gcp_notice_s}")
     if node_id is not None and not re.fullmatch(r"[0-9a-f]{56}", node_id):
         raise ConfigError(f"--node-id must be a 56-digit hex Ray node id, got {node_id!r}")
     if address is None:

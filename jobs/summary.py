@@ -126,6 +126,9 @@ def _dollars(value) -> str:
 
 def print_cost(cost: dict) -> None:
     """Node-hours by node type and market, dollars against on-demand, interruptions."""
+    if "error" in cost:
+        console.print(f"[yellow]run cost not computed[/]: {cost['error']}")
+        return
     table = Table(title="cost (cluster/prices.yaml, approximate)", title_justify="left")
     for column in ("node type", "instance", "market", "nodes", "node-hours", "$", "on-demand $"):
         table.add_column(column, justify="left" if column in ("node type", "instance") else "right")

@@ -123,3 +123,29 @@ def test_a_drained_node_that_is_then_powered_off_had_notice():
     ]
     report = cost_report(T0, T0 + 2 * HOUR, records=records, drained={"a"})
     assert report.interruptions == {"preempted_with_notice": 1, "lost_without_notice": 1}
+
+
+def test_a_market_label_typo_is_not_priced_as_on_demand():
+    labels = {"ray.io/market-type": "Spot", "rayline.io/instance-type": "m6i.2xlarge"}
+    records = [node("a", 0, 1, labels=labels, reason="UNEXPECTED_TERMINATION")]
+    report = cost_report(T0, T0 + HOUR, records=records)
+    assert report.dollars == 0 and report.unpriced_node_hours == pytest.approx(1.0)
+    assert report.nodes[0].market == "unknown"
+
+
+def test_a_drained_on_demand_node_that_crashed_is_no_spot_interruption():
+    records = [node("od", 0, 1, labels=on_demand("m6i.2xlarge"), reason="UNEXPECTED_TERMINATION")]
+    assert cost_report(T0, T0 + HOUR, records=records, drained={"od"}).interruptions == {}
+
+
+def test_a_failing_cost_report_never_fails_the_run(monkeypatch, caplog):
+    """The model was trained and evaluated: a GCS or prices problem becomes an `error` entry."""
+    from jobs import pipeline
+
+    def unreachable(*args, **kwargs):
+        raise RuntimeError("GCS timed out\nsecond line")
+
+    monkeypatch.setattr(pipeline, "cost_report", unreachable)
+    cost = pipeline.run_cost(T0, usage=None, drains=None)
+    assert cost["error"] == "RuntimeError: GCS timed out"
+    assert "run cost not computed" in caplog.text

@@ -37,6 +37,7 @@ class Metadata:
     def __init__(self) -> None:
         self.notice: str | None = None  # raw body of spot/instance-action once there is one
         self.rebalance: str | None = None
+        self.rebalance_delay_s = 0.0  # a rebalance endpoint that hangs
         self.preempted, self.token_puts, self.lock = False, 0, threading.Lock()
         self.tokens: set[str] = set()
         self.gcp_queries: list[str] = []
@@ -84,6 +85,8 @@ def _handler(state: Metadata) -> type[BaseHTTPRequestHandler]:
                 return self._send(401)
             if path == "/latest/meta-data/spot/instance-action" and state.notice is not None:
                 return self._send(200, state.notice)
+            if path.endswith("/events/recommendations/rebalance") and state.rebalance_delay_s:
+                time.sleep(state.rebalance_delay_s)
             if path.endswith("/events/recommendations/rebalance") and state.rebalance:
                 return self._send(200, state.rebalance)
             self._send(404, "Not Found")
@@ -143,6 +146,15 @@ def test_aws_rebalance_is_logged_once_not_drained(metadata, caplog):
     assert sum("rebalance" in r.message for r in caplog.records) == 1
 
 
+def test_aws_slow_rebalance_endpoint_never_hides_the_notice(metadata):
+    state, base = metadata
+    state.rebalance_delay_s = spot_watcher.HTTP_TIMEOUT_S + 1
+    poller = AwsPoller(base)
+    assert poller.poll() is None  # no notice yet; the hanging hint is only logged
+    state.aws_notice(60)
+    assert 50 < poller.poll() <= 60
+
+
 def test_aws_bad_json_is_one_clear_error(metadata):
     state, base = metadata
     state.notice = "<html>oops</html>"
@@ -196,6 +208,8 @@ def test_drains_once_and_retries_a_failed_drain(metadata, monkeypatch):
     [
         (["--cloud", "azure"], "azure"),
         (["--cloud", "aws", "--interval-s", "0", "--address", "x:1"], "--interval-s"),
+        (["--cloud", "aws", "--interval-s", "nan", "--address", "x:1"], "--interval-s"),
+        (["--cloud", "gcp", "--gcp-notice-s", "inf", "--address", "x:1"], "--gcp-notice-s"),
         (["--cloud", "aws", "--node-id", "abcd", "--address", "x:1"], "--node-id"),
     ],
 )
