@@ -22,6 +22,8 @@ Each problem is one line naming the file, the key path and the fix.
 from __future__ import annotations
 
 import copy
+import logging
+import math
 import re
 import shlex
 import sys
@@ -31,13 +33,12 @@ from typing import Annotated, Any
 import typer
 import yaml
 
-from jobs.errors import ConfigError
+from jobs.prices import PRICES, load_prices, load_yaml, one_line_yaml  # noqa: F401
 
 RAY_VERSION = "2.60.0"
 MARKET_LABEL = "ray.io/market-type"
 INSTANCE_LABEL = "rayline.io/instance-type"  # what a run's cost report prices the node as
 MARKETS = ("spot", "on-demand")
-PRICES = Path(__file__).resolve().parent.parent / "cluster" / "prices.yaml"
 
 # Keys Ray's provider defaults would otherwise fill by a shallow merge.
 EXPLICIT_KEYS = (
@@ -92,30 +93,6 @@ NODE_CONFIG_KEYS = {"aws": AWS_NODE_CONFIG_KEYS, "gcp": GCP_NODE_CONFIG_KEYS}
 PIP_RAY = re.compile(r"^ray(\[[^\]]*\])?(.*)$")
 
 
-def load_yaml(path: str | Path) -> Any:
-    try:
-        text = Path(path).read_text()
-    except OSError as error:
-        raise ConfigError(f"{path}: cannot read: {error.strerror or error}") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {one_line_yaml(error)}") from None
-
-
-def one_line_yaml(error: yaml.YAMLError) -> str:
-    mark = getattr(error, "problem_mark", None)
-    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-    return f"{getattr(error, 'problem', None) or error}{where}"
-
-
-def load_prices(path: str | Path = PRICES) -> dict[str, Any]:
-    prices = load_yaml(path)
-    if not isinstance(prices, dict):
-        raise ConfigError(f"{path}: expected a mapping with 'aws' and 'gcp' sections")
-    return prices
-
-
 def _key_path(parts) -> str:
     out = ""
     for part in parts:
@@ -127,6 +104,9 @@ def ray_checks(config: dict[str, Any]) -> list[tuple[str, str]]:
     """Ray's own `prepare_config` + `validate_config` (offline): (key path, problem) pairs."""
     import jsonschema
     from ray.autoscaler._private.util import prepare_config, validate_config
+
+    # Its defaults narrate ("setting max workers for head node type to 0") on stderr.
+    logging.getLogger("ray.autoscaler").setLevel(logging.WARNING)
 
     try:
         validate_config(prepare_config(copy.deepcopy(config)))
@@ -141,6 +121,8 @@ def ray_checks(config: dict[str, Any]) -> list[tuple[str, str]]:
         message = str(error)
         where = "max_workers" if "max_workers" in message else "head_node_type"
         return [(where, f"Ray: {message}")]
+    except Exception as error:  # noqa: BLE001 - e.g. `provider: aws` (not a mapping)
+        return [("(top level)", f"Ray cannot read it ({type(error).__name__}: {error})")]
     return []
 
 
@@ -222,6 +204,7 @@ def rayline_checks(
     for name, spec in types.items():
         where = f"available_node_types.{name}"
         if not isinstance(spec, dict):
+            problems.append((where, f"({spec!r}) must be a mapping with node_config, resources"))
             continue
         for key in sorted(set(spec) - NODE_TYPE_KEYS):
             problems.append(
@@ -242,6 +225,8 @@ def rayline_checks(
                 problems.append(
                     (f"{where}.node_config.{key}", f"missing: set the {cloud} instance type")
                 )
+            elif not isinstance(instance, str):
+                problems.append((f"{where}.node_config.{key}", f"({instance!r}) must be a name"))
             elif instance not in priced:
                 problems.append(
                     (
@@ -264,15 +249,18 @@ def rayline_checks(
                 )
         resources = spec.get("resources") if isinstance(spec.get("resources"), dict) else {}
         for key, value in resources.items():
-            if key in ("CPU", "GPU") and not _is_int(value):
-                whole = int(value) if isinstance(value, float) else 1
+            if key in ("CPU", "GPU") and not (_is_int(value) and value >= 0):
+                finite = isinstance(value, float) and math.isfinite(value)
+                whole = max(int(value), 0) if finite else 1
                 problems.append(
                     (
                         f"{where}.resources.{key}",
-                        f"({value!r}) must be a whole number, e.g. {whole}",
+                        f"({value!r}) must be a whole number >= 0, e.g. {whole}",
                     )
                 )
         low, high = spec.get("min_workers", 0), spec.get("max_workers")
+        if _is_int(low) and low < 0:
+            problems.append((f"{where}.min_workers", f"({low}) must be 0 or more"))
         if _is_int(low) and _is_int(high) and low > high:
             problems.append(
                 (
@@ -381,7 +369,7 @@ def validate(path: str | Path, prices_path: str | Path = PRICES) -> list[str]:
 def _is_kubernetes(path: str | Path) -> bool:
     try:
         docs = list(yaml.safe_load_all(Path(path).read_text()))
-    except (OSError, yaml.YAMLError):
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return False
     first = next((d for d in docs if d is not None), None)
     return len(docs) > 1 or (isinstance(first, dict) and "kind" in first)

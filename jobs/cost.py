@@ -3,6 +3,7 @@ against on-demand, from the approximate list prices in cluster/prices.yaml."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -17,25 +18,42 @@ app = typer.Typer(help="Cost of a cluster config, from cluster/prices.yaml.", no
 def estimate(
     path: str | Path, workers: int, hours: float, prices_path: str | Path = PRICES
 ) -> list[dict]:
-    """Per worker type: hourly and total cost of the head plus `workers` of that type, at its
-    own market's price and at on-demand prices."""
+    """Per worker type: hourly and total cost of the head, every type's `min_workers` (they run
+    whenever the cluster is up) and `workers` of that type, at each node's own market price and
+    all at on-demand prices. A type whose `max_workers` is below `workers` is left out."""
     problems = validate(path, prices_path)
     if problems:
         raise ConfigError("\n".join([f"{path} does not validate:", *problems]))
+    if not math.isfinite(hours):
+        raise ConfigError(f"--hours must be a finite number of hours, got {hours}")
     config, prices = load_yaml(path), load_prices(prices_path)
+    if workers > config["max_workers"]:
+        raise ConfigError(
+            f"{path}: --workers {workers} is more than the cluster's max_workers "
+            f"({config['max_workers']})"
+        )
     cloud = config["provider"]["type"]
     key, table = INSTANCE_KEY[cloud], prices[cloud]
     head = config["head_node_type"]
-    head_price = table[config["available_node_types"][head]["node_config"][key]]["on_demand"]
-    rows = []
-    for name, spec in config["available_node_types"].items():
-        if name == head:
-            continue
+    types = config["available_node_types"]
+
+    def hourly_of(spec: dict, count: int, at_on_demand: bool = False) -> float:
         entry = table[spec["node_config"][key]]
+        spot = spec["labels"][MARKET_LABEL] == "spot" and not at_on_demand
+        return count * (entry["spot"] if spot else entry["on_demand"])
+
+    # The head and every type's min_workers run whenever the cluster is up.
+    always = {
+        name: 1 if name == head else spec.get("min_workers", 0) for name, spec in types.items()
+    }
+    rows = []
+    for name, spec in types.items():
+        if name == head or workers > spec.get("max_workers", workers):
+            continue  # a type that cannot have that many workers is not a cluster that exists
         market = spec["labels"][MARKET_LABEL]
-        price = entry["spot"] if market == "spot" else entry["on_demand"]
-        hourly = head_price + workers * price
-        on_demand = head_price + workers * entry["on_demand"]
+        counts = {**always, name: max(workers, always[name])}
+        hourly = sum(hourly_of(types[t], n) for t, n in counts.items())
+        on_demand = sum(hourly_of(types[t], n, at_on_demand=True) for t, n in counts.items())
         rows.append(
             {
                 "node_type": name,
@@ -60,7 +78,10 @@ def estimate_command(
     """Hourly and total cost of the head plus N workers of each type, spot vs on-demand
     (approximate list prices from cluster/prices.yaml)."""
     rows = estimate(file, workers, hours)
-    typer.echo(f"{file}: head + {workers} workers for {hours:g} h (approximate list prices, USD)")
+    typer.echo(
+        f"{file}: head + min_workers + {workers} workers of one type for {hours:g} h "
+        "(approximate list prices, USD; types with max_workers < workers left out)"
+    )
     typer.echo(
         f"{'node type':<20} {'instance':<15} {'market':<10} {'$/h':>8} {'total':>9} "
         f"{'on-demand $/h':>14} {'on-demand total':>16} {'saving':>7}"

@@ -100,7 +100,7 @@ def print_training(trained, evaluation, result) -> None:
                         f"{trained.interruptions['just_in_time_checkpoints']})"
                     )
                 }
-                if trained.interruptions
+                if "interruptions" in trained.interruptions
                 else {}
             ),
             "seconds": f"{trained.seconds:.1f}",

@@ -78,13 +78,6 @@ def _worker_loop(loop_config: dict) -> None:
         table = read_shard(loop_config["storage"], uri, [*names, label], rank, world)
         return to_matrix(table, label, names)
 
-    x_train, y_train = shard("train")
-    x_valid, y_valid = shard("valid")
-    x_train, y_train, weights = apply_imbalance(
-        x_train, y_train, loop_config["imbalance"], loop_config["seed"] + rank
-    )
-    dtrain = xgb.DMatrix(x_train, y_train, weight=weights, feature_names=names)
-    dvalid = xgb.DMatrix(x_valid, y_valid, feature_names=names)
     start, resumed, state = None, 0, {}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -93,11 +86,18 @@ def _worker_loop(loop_config: dict) -> None:
             if Path(folder, STOPPER_FILE).exists():
                 state = json.loads(Path(folder, STOPPER_FILE).read_text())
         resumed = start.num_boosted_rounds()
+    ledger = loop_config.get("ledger")
+    if rank == 0 and ledger is not None:  # before the shards: an attempt lost reading them counts
+        ledger.start.remote(resumed)
+    x_train, y_train = shard("train")
+    x_valid, y_valid = shard("valid")
+    x_train, y_train, weights = apply_imbalance(
+        x_train, y_train, loop_config["imbalance"], loop_config["seed"] + rank
+    )
+    dtrain = xgb.DMatrix(x_train, y_train, weight=weights, feature_names=names)
+    dvalid = xgb.DMatrix(x_valid, y_valid, feature_names=names)
     stopper = ResumableEarlyStopping(train.early_stopping_rounds, state=state)
     callbacks = [ReportEvery(train.checkpoint_every, stopper)]
-    ledger = loop_config.get("ledger")
-    if rank == 0 and ledger is not None:
-        ledger.start.remote(resumed)
     callbacks.append(
         JustInTimeCheckpoint(
             train.preemption_check_every,
@@ -189,7 +189,10 @@ def run_distributed(
     try:
         with following(board, description, total=train.num_boost_round):
             result = trainer.fit()
-        interruptions = ray.get(ledger.summary.remote(), timeout=60)
+        try:
+            interruptions = ray.get(ledger.summary.remote(), timeout=60)
+        except Exception as error:  # noqa: BLE001 - bookkeeping must not discard a good fit
+            interruptions = {"error": f"{type(error).__name__}: {error}".splitlines()[0]}
     finally:
         for actor in (board, ledger):
             if actor is not None:

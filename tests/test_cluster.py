@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jobs.cluster import PRICES, validate
+from jobs.cluster import PRICES, load_prices, validate
 from jobs.cost import estimate
+from jobs.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = [ROOT / "cluster" / "aws-spot.yaml", ROOT / "cluster" / "gcp-spot.yaml"]
@@ -249,11 +250,60 @@ def test_cost_estimate(tmp_path):
     rows = {r["node_type"]: r for r in estimate(CONFIGS[0], workers=4, hours=10)}
     prices = yaml.safe_load(PRICES.read_text())["aws"]
     head = prices["m6i.xlarge"]["on_demand"]
+    always_on = prices["m6i.2xlarge"]["on_demand"]  # cpu_on_demand_m6i has min_workers: 1
     spot = rows["cpu_spot_m6i"]
-    assert spot["hourly"] == pytest.approx(head + 4 * prices["m6i.2xlarge"]["spot"])
+    assert spot["hourly"] == pytest.approx(head + always_on + 4 * prices["m6i.2xlarge"]["spot"])
     assert spot["total"] == pytest.approx(10 * spot["hourly"])
-    assert spot["on_demand_hourly"] == pytest.approx(head + 4 * prices["m6i.2xlarge"]["on_demand"])
-    assert rows["cpu_on_demand_m6i"]["saving"] == 0
+    assert spot["on_demand_hourly"] == pytest.approx(
+        head + always_on + 4 * prices["m6i.2xlarge"]["on_demand"]
+    )
+    assert "cpu_on_demand_m6i" not in rows  # its max_workers is 2
+    assert {r["node_type"]: r for r in estimate(CONFIGS[0], 2, 1)}["cpu_on_demand_m6i"][
+        "saving"
+    ] == 0
+    assert "cpu_on_demand_m6i" not in {
+        r["node_type"] for r in estimate(CONFIGS[0], workers=3, hours=1)
+    }  # max_workers: 2
+    with pytest.raises(ConfigError, match="more than the cluster's max_workers"):
+        estimate(CONFIGS[0], workers=13, hours=1)
+    with pytest.raises(ConfigError, match="finite"):
+        estimate(CONFIGS[0], workers=1, hours=float("inf"))
     done = _cli("cost", "estimate", str(CONFIGS[1]), "--workers", "2", "--hours", "3")
     assert done.returncode == 0, done.stderr
     assert "gpu_spot_g2" in done.stdout and "saving" in done.stdout
+
+
+HOSTILE = {
+    "binary.yaml": b"\xff\xfe\x00garbage",
+    "provider-string.yaml": b"provider: aws\n",
+    "node-type-null.yaml": b"max_workers: 1\nprovider: {type: aws}\n"
+    b"available_node_types: {a: null}\n",
+    "nan-cpu.yaml": b"provider: {type: aws}\navailable_node_types:\n  a:\n"
+    b"    node_config: {InstanceType: [m5.2xlarge]}\n    resources: {CPU: .nan, GPU: .inf}\n"
+    b"    min_workers: -3\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_hostile_files_get_one_line_errors_not_tracebacks(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(HOSTILE[name])
+    done = _cli("cluster", "validate", str(path))
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    assert all(line.startswith("error: ") for line in done.stderr.strip().splitlines())
+    assert str(path) in done.stderr
+
+
+def test_a_broken_price_entry_is_named(tmp_path):
+    prices = yaml.safe_load(PRICES.read_text())
+    del prices["aws"]["m5.2xlarge"]["spot"]
+    prices["gcp"]["n2-standard-8"]["on_demand"] = "0.39$"
+    path = tmp_path / "prices.yaml"
+    path.write_text(yaml.safe_dump(prices))
+    with pytest.raises(ConfigError) as raised:
+        load_prices(path)
+    lines = str(raised.value).splitlines()
+    assert len(lines) == 2, lines
+    assert "aws.m5.2xlarge.spot (None) must be a price" in lines[0]
+    assert "gcp.n2-standard-8.on_demand ('0.39$')" in lines[1]
