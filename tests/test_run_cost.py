@@ -105,8 +105,12 @@ def test_cost_of_a_local_run_is_recorded_in_the_bundle(pipeline_run):
     assert bundle.lineage["cost"]["unpriced_node_hours"] == pytest.approx(
         result.cost["unpriced_node_hours"]
     )
-    measured = result.cost["usage"]["by_type"]  # the usage sampler saw the local node
-    assert len(measured) == 1 and measured[0]["samples"] >= 1, measured
+    # The usage sampler ran through the run and reports the local node (its probe may not
+    # have answered yet on a short run on a busy machine: tests/test_rightsizing.py checks
+    # the samples themselves).
+    measured = result.cost["usage"]["by_type"]
+    assert [(m["node_type"], m["market"]) for m in measured] == [("head", "unknown")], measured
+    assert result.cost["usage"]["seconds"] > 0
     # A local node has no instance type: nothing to rightsize, and the reason says so.
     assert result.cost["rightsizing"]["recommendations"] == []
     assert result.cost["rightsizing"]["reason"]
