@@ -66,6 +66,11 @@ def report(
         ray.train.report(metrics)
 
 
+def absolute(uri: str) -> str:
+    """A local path resolved against the driver's folder; URIs with a scheme unchanged."""
+    return uri if "://" in uri else str(Path(uri).resolve())
+
+
 def _worker_loop(loop_config: dict) -> None:
     import ray.train
 
@@ -160,7 +165,8 @@ def run_distributed(
             "board": board,
             "ledger": ledger,
             "storage": storage,
-            "features_uri": join(run_uri, "features"),
+            # Workers run in their own folder: a relative local path must be made absolute here.
+            "features_uri": absolute(join(run_uri, "features")),
         },
         scaling_config=ScalingConfig(
             num_workers=train.num_workers,

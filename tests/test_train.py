@@ -118,7 +118,7 @@ def test_rebuilt_features_never_resume_old_checkpoints_and_models_are_never_over
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_ray_train_plan_on_two_cpus_does_not_starve(pipeline_run, tmp_path):
+def test_ray_train_plan_on_two_cpus_does_not_starve(pipeline_run, tmp_path, monkeypatch):
     """2 workers x 1 CPU hold every CPU of the 2-CPU Ray; reads must not wait behind them."""
     config, result = pipeline_run
     distributed = make_config(
@@ -132,8 +132,11 @@ def test_ray_train_plan_on_two_cpus_does_not_starve(pipeline_run, tmp_path):
             "train.checkpoint_every": 20,
         },
     )
-    run_uri = copy_features(result.run_uri, tmp_path)
-    trained = train_model(distributed, run_uri)
+    copy_features(result.run_uri, tmp_path / "run")
+    # A relative run folder, as `make demo`'s config gives: the workers run in their own
+    # folder, so the plan must hand them absolute paths.
+    monkeypatch.chdir(tmp_path)
+    trained = train_model(distributed, "run")
     assert trained.plan == "distributed"
     assert Path(trained.model_uri).exists()
     assert trained.valid_aucpr > 0.1
