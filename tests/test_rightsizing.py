@@ -217,7 +217,11 @@ def test_sampler_follows_nodes_that_join_and_die():
         cluster.stop_node("a", signal.SIGKILL)
         driver.stdin.write(cluster.nodes["a"].node_id + "\n")
         driver.stdin.flush()
-        assert driver.stdout.readline().split() == ["DROPPED", "True"]
+        # Ray may print its own (raylet) lines on the driver's stdout first: skip them.
+        line = driver.stdout.readline()
+        while line and not line.startswith("DROPPED"):
+            line = driver.stdout.readline()
+        assert line.split() == ["DROPPED", "True"]
         result = json.loads(driver.stdout.readline())
         assert driver.wait(timeout=120) == 0
     finally:
