@@ -165,3 +165,18 @@ def prometheus(metrics_head, tmp_path_factory):
     rules = [ROOT / "configs" / "alerts.yml"]
     with prometheus_server([metrics_head.metrics_target], folder, rule_files=rules) as server:
         yield server
+
+
+def pids_mentioning(text: str) -> list[int]:
+    """Processes whose command line mentions `text` (a private temp dir)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            pids.append(int(entry.name))
+    return pids

@@ -24,27 +24,12 @@ from pathlib import Path
 import psutil
 import requests
 
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, free_port, pids_mentioning
 
 VENV_BIN = Path(sys.executable).parent
 START_TIMEOUT_S = 180
 NODE_NAME_LABEL = "rayline.test/node"
 OBJECT_STORE_BYTES = 300 * 1024**2  # per node: several nodes share this machine's /dev/shm
-
-
-def pids_mentioning(text: str) -> list[int]:
-    """Processes whose command line mentions `text` (a private temp dir)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if text in cmdline:
-            pids.append(int(entry.name))
-    return pids
 
 
 def _alive(process: psutil.Process) -> bool:

@@ -35,7 +35,7 @@ from pathlib import Path
 import requests
 import yaml
 
-from tests.conftest import ROOT, free_port, wait_for_port
+from tests.conftest import ROOT, free_port, pids_mentioning, wait_for_port
 
 VENV_BIN = Path(sys.executable).parent
 PROMETHEUS = shutil.which("prometheus")
@@ -152,19 +152,6 @@ class RayHead:
         )  # fmt: skip
 
 
-def _pids_mentioning(text: str) -> list[int]:
-    """Processes whose command line mentions `text` (the head's private temp dir)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        with contextlib.suppress(OSError):
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            if text in cmdline:
-                pids.append(int(entry.name))
-    return pids
-
-
 @contextlib.contextmanager
 def ray_head_with_metrics(num_cpus: int = 2, report_interval_ms: int = 1000) -> Iterator[RayHead]:
     """A private `ray start --head --block` (no dashboard) with its own temp dir, free ports,
@@ -220,7 +207,7 @@ def ray_head_with_metrics(num_cpus: int = 2, report_interval_ms: int = 1000) -> 
             process.wait(timeout=30)
         log.close()
         time.sleep(1)  # children exit after their parent
-        for pid in _pids_mentioning(str(temp_dir)):  # only this head's processes
+        for pid in pids_mentioning(str(temp_dir)):  # only this head's processes
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         shutil.rmtree(temp_dir, ignore_errors=True)

@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT, free_port, wait_for_port
+from tests.conftest import ROOT, free_port, pids_mentioning, wait_for_port
 
 pytestmark = pytest.mark.slow
 
@@ -96,21 +96,6 @@ out["workers_at_end"] = workers()
 out["driver_s"] = time.monotonic() - t0
 print("RESULT " + json.dumps(out), flush=True)
 """
-
-
-def _pids_mentioning(text: str) -> list[int]:
-    """Processes whose command line mentions `text` (our private temp dir)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if text in cmdline:
-            pids.append(int(entry.name))
-    return pids
 
 
 @pytest.fixture
@@ -183,12 +168,12 @@ def fake_cluster():
         # A fake node still up when the head stops outlives it: the provider starts its raylet
         # and log monitor from the autoscaler process without a reaper, so `ray start` does not
         # stop them. Their command lines name our temp dir: kill those by PID, then check.
-        leftovers = _pids_mentioning(str(temp_dir))
+        leftovers = pids_mentioning(str(temp_dir))
         for pid in leftovers:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         time.sleep(1)
-        survivors = _pids_mentioning(str(temp_dir))
+        survivors = pids_mentioning(str(temp_dir))
         shutil.rmtree(temp_dir, ignore_errors=True)
         if leftovers:
             print(f"killed {len(leftovers)} leftover process(es) of this cluster: {leftovers}")

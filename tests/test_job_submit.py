@@ -26,7 +26,7 @@ import requests
 
 from jobs.registry import get_alias, list_versions, load_bundle
 from jobs.storage import Storage, join
-from tests.conftest import ROOT, free_port, make_config
+from tests.conftest import ROOT, free_port, make_config, pids_mentioning
 
 pytestmark = pytest.mark.slow
 
@@ -39,21 +39,6 @@ def _home_token_state() -> str | None:
     if not path.exists():
         return None
     return f"{path.stat().st_mtime_ns}:{hashlib.sha256(path.read_bytes()).hexdigest()}"
-
-
-def _pids_mentioning(text: str) -> list[int]:
-    """Processes whose command line mentions `text` (our private temp dir)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if text in cmdline:
-            pids.append(int(entry.name))
-    return pids
 
 
 class Cluster:
@@ -116,7 +101,7 @@ def cluster():
             process.wait(timeout=30)
         log.close()
         time.sleep(2)  # children exit after their parent
-        leftovers = _pids_mentioning(str(temp_dir))
+        leftovers = pids_mentioning(str(temp_dir))
         for pid in leftovers:  # only processes of this cluster: their command names our dir
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)

@@ -25,7 +25,7 @@ import requests
 from jobs import spot_watcher
 from jobs.errors import ConfigError
 from jobs.spot_watcher import AwsPoller, GcpPoller, MetadataError, watch
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, free_port, pids_mentioning
 
 VENV_BIN = Path(sys.executable).parent
 START_TIMEOUT_S = 90
@@ -257,17 +257,6 @@ def test_cluster_configs_start_the_watcher_on_spot_types_only(config, tmp_path):
 # ---------------------------------------------------------------- a real Ray cluster
 
 
-def _pids_mentioning(text: str) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        with contextlib.suppress(OSError):
-            if text.encode() in (entry / "cmdline").read_bytes():
-                pids.append(int(entry.name))
-    return pids
-
-
 def _node_ports(first: int) -> list[str]:
     """Free ports for every per-node flag, and a private worker port range from `first`."""
     ports = ["--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
@@ -332,7 +321,7 @@ def two_nodes():
                 process.kill()
                 process.wait(timeout=10)
         time.sleep(1)
-        for pid in _pids_mentioning(str(temp_dir)):  # only this cluster's: they name our dir
+        for pid in pids_mentioning(str(temp_dir)):  # only this cluster's: they name our dir
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         shutil.rmtree(temp_dir, ignore_errors=True)
