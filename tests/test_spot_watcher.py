@@ -244,11 +244,15 @@ def test_cluster_configs_start_the_watcher_on_spot_types_only(config, tmp_path):
             subprocess.run(["bash", "-c", _with_environment_variables(command, labels)],
                            env=env, check=True, timeout=30)  # fmt: skip
         spot = node_type["labels"]["ray.io/market-type"] == "spot"
-        for _ in range(50 if spot else 3):  # the watcher starts in the background
+        started = ""
+        # The watcher starts in the background: wait for the whole line (the file exists as
+        # soon as `echo >>` opens it, before the line is in it), up to 30 s on a busy machine.
+        for _ in range(300 if spot else 3):
             if (tmp_path / "started").exists():
-                break
+                started = (tmp_path / "started").read_text()
+                if started.endswith("\n"):
+                    break
             time.sleep(0.1)
-        started = (tmp_path / "started").read_text() if spot else ""
         assert (tmp_path / "started").exists() == spot, name
         cloud = doc["provider"]["type"]
         assert not spot or f"--cloud {cloud} --address=10.0.0.1:6379" in started, started
