@@ -25,6 +25,7 @@ from jobs.config_checks import (
 from jobs.errors import ConfigError
 from jobs.label_map import LabelMap
 from jobs.serve_config import ServeConfig, Strict
+from jobs.stream_config import StreamConfig, WindowFeature
 
 __all__ = [
     "LOWER_IS_BETTER",
@@ -180,6 +181,10 @@ class FeaturesConfig(Strict):
     time_features: list[Literal["hour", "day_of_week"]] = Field(default_factory=list)
     derived: dict[str, DerivedFeature] = Field(default_factory=dict)
     history: HistoryConfig | None = None
+    windows: dict[str, WindowFeature] = Field(
+        default_factory=dict,
+        description="event-time aggregates of history.amount per entity; need `stream:`",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -308,6 +313,7 @@ class Config(Strict):
     tune: TuneConfig = Field(default_factory=TuneConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    stream: StreamConfig | None = Field(None, description="Redis Streams and online state")
 
     @model_validator(mode="after")
     def _references_exist(self) -> Config:

@@ -207,7 +207,15 @@ def check_features(config) -> None:
                 )
         if name in available:
             _fail(f"features.derived.{name}", f"{name!r} already names a column")
-    engineered = set(features.derived) | (set(HISTORY_FEATURES) if features.history else set())
+    for name in features.windows:
+        if not features.history:
+            _fail(f"features.windows.{name}", "needs features.history (its entity and amount)")
+        if name in available or name in features.derived or name in HISTORY_FEATURES:
+            _fail(f"features.windows.{name}", f"{name!r} already names a column or feature")
+    if features.windows and config.stream is None:
+        _fail("features.windows", "window features live in the online state: add `stream:`")
+    engineered = set(features.derived) | set(features.windows)
+    engineered |= set(HISTORY_FEATURES) if features.history else set()
     usable = set(available) | engineered
     for key in ("numeric", "categorical"):
         for index, column in enumerate(getattr(features, key)):
@@ -216,7 +224,7 @@ def check_features(config) -> None:
                 _fail(
                     path,
                     f"{column!r} is not a column {where}, a derived feature "
-                    f"{sorted(features.derived)} or a history feature",
+                    f"{sorted(features.derived)}, a history or a window feature",
                 )
             if column == features.label:
                 _fail(path, f"{column!r} is the label")

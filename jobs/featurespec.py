@@ -9,6 +9,8 @@ per-entity state (count, amount sum, last event) online.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import polars as pl
 import pyarrow as pa
@@ -109,23 +111,62 @@ def history_point_in_time(table: pa.Table, features: FeaturesConfig, tiebreak: s
         }
     ).with_row_index("row")
     count = pl.int_range(pl.len()).over("entity").cast(pl.Float64)
-    prior_sum = (pl.col("amount").cum_sum() - pl.col("amount")).over("entity")
+    # The running sum of earlier amounts, added one event at a time as the online state adds
+    # them (a null amount adds 0), so both give the same float bits.
+    prior_sum = pl.col("amount").fill_null(0.0).cum_sum().shift(1).over("entity")
     mean = pl.when(count > 0).then(prior_sum / count)
-    result = (
-        frame.sort(["entity", "seconds", "tie"])
-        .select(
-            "row",
-            count.alias(HISTORY[0]),
-            mean.alias(HISTORY[1]),
-            (pl.col("amount") / mean).alias(HISTORY[2]),
-            pl.col("seconds").diff().over("entity").cast(pl.Float64).alias(HISTORY[3]),
-        )
-        .sort("row")
-        .fill_nan(None)
+    ordered = frame.sort(["entity", "seconds", "tie"])
+    result = ordered.select(
+        "row",
+        count.alias(HISTORY[0]),
+        mean.alias(HISTORY[1]),
+        (pl.col("amount") / mean).alias(HISTORY[2]),
+        pl.col("seconds").diff().over("entity").cast(pl.Float64).alias(HISTORY[3]),
     )
-    for name in HISTORY:
+    windows = window_point_in_time(ordered, features.windows)
+    result = result.with_columns(pl.Series(name, values) for name, values in windows.items())
+    result = result.sort("row").fill_nan(None)
+    for name in [*HISTORY, *features.windows]:
         table = table.append_column(name, result[name].to_arrow())
     return table
+
+
+def window_value(agg: str, amounts: list[float]) -> float:
+    """One window aggregate; `math.fsum` is exactly rounded, so batch and online agree bitwise
+    whatever order the events were added in."""
+    if agg == "count":
+        return float(len(amounts))
+    total = math.fsum(amounts)
+    if agg == "sum":
+        return total
+    return total / len(amounts) if amounts else math.nan
+
+
+def window_start(kind: str, seconds: int, size: int) -> int:
+    """The earliest event time a window at `seconds` covers (sliding: exclusive)."""
+    return seconds - size if kind == "sliding" else seconds // size * size
+
+
+def window_point_in_time(ordered: pl.DataFrame, windows: dict) -> dict[str, np.ndarray]:
+    """Window features over each event's strictly earlier events of the same entity, for rows
+    sorted by (entity, seconds, tiebreak); NaN where the event time is null."""
+    if not windows or ordered.height == 0:
+        return {name: np.empty(0) for name in windows} if ordered.height == 0 else {}
+    nulls = ordered["seconds"].is_null().to_numpy()
+    seconds = ordered["seconds"].fill_null(ordered["seconds"].min() or 0).to_numpy()
+    first = (ordered["entity"] != ordered["entity"].shift(1)).fill_null(True)
+    code = first.cum_sum().to_numpy().astype(np.int64)
+    composite = code * 2**34 + (seconds - seconds.min())  # entity first, then time
+    amounts = ordered["amount"].fill_null(0.0).to_list()
+    rows = np.arange(ordered.height)
+    values = {}
+    for name, window in windows.items():
+        start = np.array([window_start(window.kind, int(s), window.seconds) for s in seconds])
+        side = "right" if window.kind == "sliding" else "left"
+        low = np.minimum(np.searchsorted(composite, composite - (seconds - start), side), rows)
+        column = [window_value(window.agg, amounts[lo:i]) for lo, i in zip(low, rows, strict=True)]
+        values[name] = np.where(nulls, np.nan, np.array(column, dtype=np.float64))
+    return values
 
 
 def history_state(table: pa.Table, features: FeaturesConfig) -> pa.Table:

@@ -16,9 +16,7 @@ every batch of a bundle whose spec uses a combination not compiled here (`arrow_
 from __future__ import annotations
 
 import math
-from datetime import date, datetime, timedelta, timezone
 from itertools import repeat
-from types import NoneType
 
 import numpy as np
 import pyarrow as pa
@@ -27,136 +25,23 @@ import pyarrow.compute as pc
 from jobs.calibration import Calibration
 from jobs.config import Allowed, NotNull, Range
 from jobs.featurespec import HISTORY, STATE, enrich, feature_matrix, online_source, transform
+from jobs.online_values import (  # noqa: F401  (records_table and _utc_naive: public here)
+    EXACT,
+    INF,
+    NUMBER,
+    _convert,
+    _Fallback,
+    _flag,
+    _floats,
+    _index,
+    _kind,
+    _normalize,
+    _utc_naive,
+    _values,
+    records_table,
+)
 from jobs.registry import Bundle
 from jobs.scoring import model_scores
-from jobs.validate import ARROW_TYPES
-
-EPOCH = datetime(1970, 1, 1)
-EPOCH_DAY = date(1970, 1, 1).toordinal()
-SECOND = timedelta(seconds=1)
-EXACT = 2**53  # Arrow refuses to cast larger ints to float64; the Arrow path raises on them
-NUMBER = ("int64", "float64")
-KINDS = {"int64": int, "bool": bool, "timestamp": datetime, "date": date}
-INF = float("inf")
-
-
-class _Fallback(Exception):
-    """This batch needs the Arrow path (it raises, or does something not mirrored here)."""
-
-
-def records_table(records: list[dict], spec) -> pa.Table:
-    """Records as the Arrow table the batch path takes (what serving builds for it)."""
-    source = online_source(spec.source, spec.features.label)
-    columns = {}
-    for column, kind in source.types.items():
-        values = [record.get(column) for record in records]
-        if kind == "string":
-            values = [None if v is None else str(v) for v in values]
-        elif kind == "timestamp":
-            values = [_utc_naive(v) for v in values]
-        columns[column] = pa.array(values, ARROW_TYPES[kind])
-    return pa.table(columns)
-
-
-def _utc_naive(value: datetime | None) -> datetime | None:
-    """Timestamps are stored as naive UTC; convert aware ones, keep naive ones as they are."""
-    if value is None or value.tzinfo is None:
-        return value
-    return value.astimezone(timezone.utc).replace(tzinfo=None)
-
-
-def _kind(arrow_type: pa.DataType) -> str | None:
-    """The source type an Arrow column behaves as, or None for one not compiled here."""
-    if pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type):
-        return "string"
-    if pa.types.is_timestamp(arrow_type) and arrow_type.tz is None:
-        return "timestamp"
-    named = {pa.int64(): "int64", pa.float64(): "float64", pa.bool_(): "bool", pa.date32(): "date"}
-    return named.get(arrow_type)
-
-
-def _values(column: pa.ChunkedArray, kind: str) -> list:
-    """Python values as the compiled path holds them: timestamps in epoch seconds (Arrow's
-    safe cast to seconds, which raises on a sub-second value), dates in epoch days."""
-    if kind == "timestamp":
-        return pc.cast(pc.cast(column, pa.timestamp("s")), pa.int64()).to_pylist()
-    if kind == "date":
-        return pc.cast(column, pa.int32()).to_pylist()
-    values = column.to_pylist()
-    if kind == "int64" and any(v is not None and abs(v) > EXACT for v in values):
-        raise ValueError("an int64 beyond 2**53")
-    return values
-
-
-def _floats(values: list) -> np.ndarray:
-    """float64 with NaN for null: enough for values that only feed imputation."""
-    return np.array(values, dtype=np.float64)
-
-
-def _flag(reasons: list, failing, reason: str) -> None:
-    for i in failing:  # the first failing rule wins, as in `jobs.validate.add_reason`
-        if reasons[i] is None:
-            reasons[i] = reason
-
-
-def _convert(values: list, kind: str) -> list:
-    """Request values as `records_table` + `standardize` leave them (NaN becomes null).
-
-    Type checks go through `set(map(type, ...))`, in C, so a batch costs little per record."""
-    types = set(map(type, values)) - {NoneType}
-    if kind == "string":
-        out = values if types <= {str} else [None if v is None else str(v) for v in values]
-        if not "".join(filter(None, out)).isascii():
-            for v in out:
-                try:
-                    v is None or v.encode()
-                except UnicodeEncodeError:  # Arrow cannot hold it: the batch path raises
-                    raise _Fallback from None
-        return out
-    if kind == "float64":
-        if types <= {float}:
-            return [None if v != v else v for v in values]  # NaN != NaN; None != None is False
-        if not types <= {float, int} or any(type(v) is int and abs(v) > EXACT for v in values):
-            raise _Fallback  # Arrow refuses an int it cannot hold exactly as a float64
-        return [None if v is None or v != v else float(v) for v in values]
-    if not types <= {KINDS[kind]}:
-        raise _Fallback  # e.g. a bool for an int or a datetime subclass: Arrow may differ
-    if kind == "int64" and any(v is not None and abs(v) > EXACT for v in values):
-        raise _Fallback  # Arrow raises where it casts such an int to float64
-    if kind == "timestamp":  # Arrow drops the microseconds: floor to the second
-        return [
-            None if v is None else ((v if v.tzinfo is None else _utc_naive(v)) - EPOCH) // SECOND
-            for v in values
-        ]
-    if kind == "date":
-        return [None if v is None else v.toordinal() - EPOCH_DAY for v in values]
-    return values
-
-
-def _normalize(values: list, mode: str) -> list:
-    """utf8_trim_whitespace + utf8_lower/upper, once per distinct value: Python's strip and
-    case mapping agree with Arrow's on ASCII (the whitespace sets are equal, all of Unicode);
-    other text goes through Arrow."""
-    case = {"lower": str.lower, "upper": str.upper}.get(mode, str)
-    distinct = set(values) - {None}
-    mapping = {v: case(v.strip()) for v in distinct if v.isascii()}
-    odd = [v for v in distinct if v not in mapping]
-    if odd:
-        text = pc.utf8_trim_whitespace(pa.array(odd, pa.string()))
-        if mode in ("lower", "upper"):
-            text = pc.utf8_lower(text) if mode == "lower" else pc.utf8_upper(text)
-        mapping.update(zip(odd, text.to_pylist(), strict=True))
-    return list(map(mapping.get, values))
-
-
-def _index(keys: list, values: list) -> tuple[dict, set]:
-    """key -> value, and the keys that appear twice (the batch join raises on those)."""
-    index = {k: v for k, v in zip(keys, values, strict=True) if k is not None}
-    repeated = set()
-    if len(index) < sum(k is not None for k in keys):
-        seen = set()
-        repeated = {k for k in keys if k is not None and (k in seen or seen.add(k))}
-    return index, repeated
 
 
 class OnlineScorer:
@@ -281,24 +166,46 @@ class OnlineScorer:
             self.categorical.append((position[name], name, kinds[name], index, known))
         self.kinds = kinds
 
-    def features(self, records: list[dict]) -> tuple[np.ndarray, list[str | None]]:
+    def features(self, records: list[dict], state=None) -> tuple[np.ndarray, list[str | None]]:
         """(n, n_features) float32 matrix in spec.feature_names order, and per-row reason
-        (None if valid): bitwise what `enrich` + `transform` + `feature_matrix` give."""
+        (None if valid): bitwise what `enrich` + `transform` + `feature_matrix` give.
+
+        `state(entities, amounts, seconds, null_time, reasons)`, when given, supplies each
+        row's prior history and windows from the online state (`jobs.feature_state`) instead
+        of the bundle's snapshot; it may be called twice and must not change anything."""
         if self.arrow_only is None:
             try:
-                return self._features(records)
+                return self._features(records, state)
             except Exception:  # _Fallback, or anything not mirrored: the reference decides
                 pass
         enriched, reasons = enrich(
             records_table(records, self.spec), self.spec, self.bundle.lookups
         )
+        reasons = reasons.to_pylist()
+        if state is not None:
+            history = self.spec.features.history
+            amounts = pc.cast(enriched.column(history.amount), pa.float64()).to_pylist()
+            stamps = enriched.column(self.spec.features.timestamp)
+            stamps = pc.cast(pc.cast(stamps, pa.timestamp("s")), pa.int64())
+            null_time = np.array([v is None for v in stamps.to_pylist()], dtype=bool)
+            seconds = np.array(pc.fill_null(stamps, 0).to_pylist(), dtype=np.int64)
+            entities = enriched.column(history.entity).to_pylist()
+            prior = state(entities, amounts, seconds, null_time, reasons)
+            with np.errstate(all="ignore"):
+                values = stated_history(prior, _floats(amounts), seconds, null_time)
+            for name, value in values.items():
+                column = pa.array(value, pa.float64())
+                if name in enriched.column_names:
+                    enriched = enriched.set_column(enriched.column_names.index(name), name, column)
+                else:
+                    enriched = enriched.append_column(name, column)
         matrix = feature_matrix(transform(enriched, self.spec), self.spec.feature_names)
-        return matrix, reasons.to_pylist()
+        return matrix, reasons
 
-    def score(self, records: list[dict]) -> tuple[np.ndarray, list[str | None]]:
+    def score(self, records: list[dict], state=None) -> tuple[np.ndarray, list[str | None]]:
         """Scores as `jobs.scoring.model_scores` returns them (binary: calibrated (n,),
         multiclass (n, k), regression (n,)); rows with a reason get NaN."""
-        matrix, reasons = self.features(records)
+        matrix, reasons = self.features(records, state)
         return self.scores_for(matrix, reasons), reasons
 
     def scores_for(self, matrix: np.ndarray, reasons: list[str | None]) -> np.ndarray:
@@ -308,7 +215,7 @@ class OnlineScorer:
         mask = invalid.reshape(-1, *([1] * (scores.ndim - 1)))
         return np.where(mask, np.nan, scores)  # as `score_records` (same dtype)
 
-    def _features(self, records: list[dict]) -> tuple[np.ndarray, list[str | None]]:
+    def _features(self, records: list[dict], state=None) -> tuple[np.ndarray, list[str | None]]:
         n = len(records)
         cols, reasons = {}, [None] * n
         rows = [tuple(map(r.get, self.names)) for r in records]
@@ -359,7 +266,11 @@ class OnlineScorer:
             null_time = np.array([s is None for s in stamps], dtype=bool)
             seconds = np.array([0 if s is None else s * scale for s in stamps], dtype=np.int64)
         with np.errstate(all="ignore"):  # IEEE results (inf, NaN) as Arrow's, no warnings
-            if self.history:
+            if self.history and state is not None:
+                entity, amount = self.history[:2]
+                prior = state(cols[entity], cols[amount], seconds, null_time, reasons)
+                nums.update(stated_history(prior, _floats(cols[amount]), seconds, null_time))
+            elif self.history:
                 nums.update(self._history(cols, seconds, null_time))
             for name, kind, columns in self.derived:
                 nums[name] = self._derive(cols, kind, columns, seconds, null_time)
@@ -417,3 +328,13 @@ class OnlineScorer:
                 values = [None if v is None else "true" if v else "false" for v in values]
             matrix[:, position] = list(map(index.get, values, repeat(known, n)))
         return matrix
+
+
+def stated_history(prior: dict, amounts: np.ndarray, seconds, null_time) -> dict:
+    """History and window features from per-row prior state (`jobs.feature_state.Step`), by
+    `history_from_state`'s formulas."""
+    count = prior["count"]
+    mean = np.where(count > 0, prior["total"] / count, np.nan)
+    gap = np.where(null_time, np.nan, seconds.astype(np.float64)) - prior["last"]
+    values = dict(zip(HISTORY, (count, mean, amounts / mean, gap), strict=True))
+    return {**values, **prior["windows"]}
