@@ -180,3 +180,17 @@ def pids_mentioning(text: str) -> list[int]:
         if text in cmdline:
             pids.append(int(entry.name))
     return pids
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A fresh redis-server (Debian's) on a free loopback port, stopped by its PID."""
+    from tests.redis_server import REDIS_SERVER, RedisServer
+
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    server = RedisServer(tmp_path / "redis", free_port()).start()
+    try:
+        yield server
+    finally:
+        server.stop()
