@@ -38,6 +38,10 @@ class BundleError(RaylineError, ValueError):
     """A bundle or alias is missing, incomplete or fails its checksums."""
 
 
+class StreamError(RaylineError):
+    """The broker cannot be reached or a stream is not what rayline expects."""
+
+
 class ConflictError(RaylineError):
     """A concurrent writer won a race (a version folder or an alias); the caller may retry."""
 

@@ -57,14 +57,11 @@ class StreamConfig(Strict):
     allowed_lateness_s: int = Field(0, ge=0, description="older than last event - this: late")
     window_idle_s: float = Field(60.0, gt=0, description="close idle keys' tumbling windows")
     prediction_ttl_s: int = Field(7 * 86400, ge=60, description="kept for joining labels")
-    scorer: Literal["worker", "serve"] = Field(
-        "worker", description="score in the stream workers or through the Serve endpoint"
-    )
-    serve_url: str = Field("http://127.0.0.1:8000", description="for scorer: serve")
     alias: str = Field("production", description="the bundle the workers score with")
     refresh_s: float = Field(5.0, gt=0, description="how often workers follow the alias")
     output_stream_maxlen: int = Field(1_000_000, ge=1000, description="approximate cap")
     sink_every: int = Field(1000, ge=1, description="scores per storage file")
+    emit_features: bool = Field(False, description="model inputs in each scores entry")
     metrics_port: int = Field(0, ge=0, le=65535, description="0: no Prometheus endpoint")
     feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
 

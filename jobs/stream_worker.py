@@ -1,0 +1,375 @@
+"""One stream worker: reads its partitions' events from Redis Streams, scores them with the
+production bundle on the online feature state, and writes everything back in one transaction.
+
+Delivery is at least once, the effect exactly once: a batch's scores, state updates, dead
+letters, `done` markers and acknowledgements commit together (MULTI/EXEC), and an event that
+comes back after a crash finds its `done` marker and is only acknowledged. Each partition is
+read under one consumer name (`worker`) by whichever worker owns it, so a new owner resumes
+from the pending list the old one left; `XAUTOCLAIM` takes over what other consumers left idle.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import redis
+
+from jobs.feature_state import FeatureState
+from jobs.online import OnlineScorer
+from jobs.registry import load_bundle, resolve
+from jobs.storage import Storage, join
+from jobs.stream_keys import StreamKeys
+
+CONSUMER = "worker"
+
+
+@dataclass
+class Event:
+    stream: str
+    message_id: str
+    record: dict | None
+    reason: str | None = None  # why it cannot be scored (malformed, poison)
+    enqueued_at: float | None = None
+    deliveries: int = 1
+
+
+@dataclass
+class Outcome:
+    """What one batch did, for the worker's counters."""
+
+    scored: int = 0
+    dead: int = 0
+    late: int = 0
+    duplicates: int = 0
+    pending: int = 0  # failed, left for another delivery
+    latencies: list[float] = field(default_factory=list)
+
+
+def ensure_groups(client: redis.Redis, keys: StreamKeys, group: str) -> None:
+    """Creates the consumer group on every partition (from the start of the stream)."""
+    for stream in keys.all_events():
+        try:
+            client.xgroup_create(stream, group, id="0", mkstream=True)
+        except redis.ResponseError as error:
+            if "BUSYGROUP" not in str(error):
+                raise
+
+
+def parse_event(stream: str, message_id, fields: dict | None, deliveries: int = 1) -> Event:
+    """A message as an event, or an event with the reason it is malformed."""
+    message_id = message_id.decode() if isinstance(message_id, bytes) else str(message_id)
+    if fields is None:
+        return Event(stream, message_id, None, "message was deleted from the stream", None)
+    fields = {k.decode() if isinstance(k, bytes) else k: v for k, v in fields.items()}
+    enqueued = fields.get("enqueued_at")
+    try:
+        enqueued = float(enqueued) if enqueued is not None else None
+    except ValueError:
+        enqueued = None
+    if "record" not in fields:
+        return Event(stream, message_id, None, "no `record` field", enqueued, deliveries)
+    try:
+        record = json.loads(fields["record"])
+    except (ValueError, UnicodeDecodeError) as error:
+        return Event(stream, message_id, None, f"record: not JSON ({error})", enqueued, deliveries)
+    if not isinstance(record, dict):
+        return Event(stream, message_id, None, "record: not a JSON object", enqueued, deliveries)
+    return Event(stream, message_id, record, None, enqueued, deliveries)
+
+
+class StreamWorker:
+    """Owns some partitions; `run` loops until `stop`. Used as a Ray actor by `jobs.stream`
+    (threaded, so `assign` and `stop` reach it while `run` loops) and in-process by tests."""
+
+    def __init__(self, config, partitions: list[int] | None = None, client=None):
+        self.config, self.stream = config, config.stream
+        self.keys = StreamKeys.of(config)
+        self.client = client or redis.Redis.from_url(self.stream.redis_url)
+        ensure_groups(self.client, self.keys, self.stream.group)
+        self.storage = Storage(config.s3)
+        self.registry_uri = join(config.storage, "registry")
+        self.state = FeatureState(self.client, self.keys.prefix, config.features, self.stream)
+        self.windows = any(w.kind == "tumbling" for w in config.features.windows.values())
+        self.partitions = list(partitions or [])
+        self._wanted: list[int] | None = None
+        self._applied = threading.Event()
+        self._stopping = threading.Event()
+        self._checked_at = 0.0
+        self._pending = set(self.partitions)  # partitions whose pending list comes first
+        self.totals = Outcome()
+        self._running = False
+        self.errors = 0
+        self.last_error = ""
+        self.scorer: OnlineScorer | None = None
+        self._load_model()
+
+    # ------------------------------------------------------------------ control
+    def assign(self, partitions: list[int], timeout: float = 30.0) -> list[int]:
+        """New partitions, applied between batches; returns once the loop has taken them."""
+        self._applied.clear()
+        self._wanted = list(partitions)
+        if not self._running:
+            self._take_assignment()
+        self._applied.wait(timeout)
+        return self.partitions
+
+    def _take_assignment(self) -> None:
+        if self._wanted is not None:
+            added = set(self._wanted) - set(self.partitions)
+            self.partitions, self._wanted = self._wanted, None
+            self._pending |= added
+            self._applied.set()
+
+    def stop(self) -> dict:
+        self._stopping.set()
+        return self.counters()
+
+    def counters(self) -> dict:
+        t = self.totals
+        return {
+            "partitions": self.partitions,
+            "scored": t.scored,
+            "dead": t.dead,
+            "late": t.late,
+            "duplicates": t.duplicates,
+            "errors": self.errors,
+            "last_error": self.last_error,
+            "version": self.scorer.bundle.version if self.scorer else None,
+        }
+
+    def run(self, seconds: float | None = None) -> dict:
+        """Polls until `stop` (or `seconds`); a lost broker is retried with backoff."""
+        self._running = True
+        deadline = None if seconds is None else time.monotonic() + seconds
+        backoff = 0.1
+        try:
+            while not self._stopping.is_set():
+                if deadline is not None and time.monotonic() > deadline:
+                    break
+                self._take_assignment()
+                try:
+                    self.poll()
+                    backoff = 0.1
+                except (redis.ConnectionError, redis.TimeoutError) as error:
+                    self.errors += 1
+                    self.last_error = f"broker unreachable: {error}"
+                    time.sleep(backoff)
+                    backoff = min(backoff * 2, 2.0)
+        finally:
+            self._running = False
+            self._take_assignment()
+        return self.counters()
+
+    # ------------------------------------------------------------------ model
+    def _load_model(self) -> None:
+        """Follows the configured alias (every `refresh_s`): a promotion reaches the stream."""
+        version = resolve(self.storage, self.registry_uri, self.config.name, self.stream.alias)
+        if self.scorer is None or self.scorer.bundle.version != version:
+            bundle = load_bundle(self.storage, self.registry_uri, self.config.name, version)
+            self.scorer = OnlineScorer(bundle)
+        self._checked_at = time.monotonic()
+
+    # ------------------------------------------------------------------ reading
+    def poll(self) -> Outcome:
+        """One read of every owned partition (pending first), one batch scored and committed."""
+        if time.monotonic() - self._checked_at > self.stream.refresh_s:
+            self._load_model()
+        if not self.partitions:
+            time.sleep(self.stream.block_ms / 1000)
+            return Outcome()
+        events = self._read()
+        outcome = self.handle(events) if events else Outcome()
+        if self.windows:
+            self.close_idle_windows()
+        return outcome
+
+    def _read(self) -> list[Event]:
+        group, count = self.stream.group, self.stream.batch_size
+        events = []
+        for partition in sorted(self._pending):
+            stream = self.keys.events(partition)
+            replies = self.client.xreadgroup(group, CONSUMER, {stream: "0"}, count=count)
+            entries = replies[0][1] if replies else []
+            if not entries:
+                self._pending.discard(partition)
+                self._claim(stream)
+                continue
+            deliveries = self._deliveries(stream, entries)
+            events += [parse_event(stream, mid, f, deliveries.get(mid, 1)) for mid, f in entries]
+        if events:
+            return events
+        streams = {self.keys.events(p): ">" for p in self.partitions}
+        replies = self.client.xreadgroup(
+            group, CONSUMER, streams, count=count, block=self.stream.block_ms
+        )
+        for stream, entries in replies or []:
+            stream = stream.decode() if isinstance(stream, bytes) else stream
+            events += [parse_event(stream, mid, f) for mid, f in entries]
+        return events
+
+    def _deliveries(self, stream: str, entries: list) -> dict:
+        ids = [mid for mid, _ in entries]
+        rows = self.client.xpending_range(
+            stream, self.stream.group, min=ids[0], max=ids[-1], count=len(ids) * 2
+        )
+        return {row["message_id"]: row["times_delivered"] for row in rows}
+
+    def _claim(self, stream: str) -> None:
+        """Takes over messages other consumers left idle; they come back as pending."""
+        partition = int(stream.rsplit(":", 1)[-1])
+        claimed = self.client.xautoclaim(
+            stream, self.stream.group, CONSUMER, self.stream.claim_idle_ms, "0-0", count=1000
+        )
+        if claimed and claimed[1]:
+            self._pending.add(partition)
+
+    # ------------------------------------------------------------------ handling
+    def handle(self, events: list[Event]) -> Outcome:
+        """Scores a batch and commits it; a batch that fails is retried event by event, so
+        one poison event ends in the dead letters and its neighbours are scored."""
+        limit = self.stream.max_deliveries
+        for event in events:
+            if event.reason is None and event.deliveries > limit:
+                event.reason = f"delivered {event.deliveries} times without being handled"
+        try:
+            return self._commit(events)
+        except (redis.ConnectionError, redis.TimeoutError):
+            raise
+        except Exception as error:  # noqa: BLE001 - isolate the event that fails
+            self.last_error = f"{type(error).__name__}: {error}"
+        outcome = Outcome()
+        for event in events:
+            try:
+                part = self._commit([event])
+            except (redis.ConnectionError, redis.TimeoutError):
+                raise
+            except Exception as error:  # noqa: BLE001
+                if event.deliveries >= limit:
+                    event.reason = (
+                        f"failed {event.deliveries} times: {type(error).__name__}: {error}"
+                    )
+                    part = self._commit([event])
+                else:
+                    part = Outcome(pending=1)
+            for name in ("scored", "dead", "late", "duplicates", "pending"):
+                setattr(outcome, name, getattr(outcome, name) + getattr(part, name))
+            outcome.latencies += part.latencies
+        return outcome
+
+    def _commit(self, events: list[Event]) -> Outcome:
+        done_keys = [self.keys.done(e.stream, e.message_id) for e in events]
+        already = self.client.mget(done_keys) if done_keys else []
+        fresh = [e for e, seen in zip(events, already, strict=True) if seen is None]
+        valid = [e for e in fresh if e.reason is None]
+        dead = [e for e in fresh if e.reason is not None]
+        outcome = Outcome(duplicates=len(events) - len(fresh))
+        scored, late, reasons, step = self._score(valid)
+        for event, reason in zip(valid, reasons, strict=True):
+            if reason is not None:
+                event.reason = reason
+                dead.append(event)
+        late_events = [valid[i] for i in late]
+        pipe = self.client.pipeline(transaction=True)
+        now = time.time()
+        if step is not None:
+            self.state.write(pipe, step.updated, self.keys.windows, step.closed)
+            for entity in step.updated:
+                partition = self.keys.partition(entity)
+                pipe.zadd(self.keys.open_windows(partition), {str(entity): now})
+        for event, entry in scored:
+            pipe.xadd(
+                self.keys.scores, entry, maxlen=self.stream.output_stream_maxlen, approximate=True
+            )
+            if entry["key"]:
+                pipe.hset(self.keys.prediction(entry["key"]), mapping={
+                    k: entry[k] for k in ("score", "label", "model", "version")
+                } | {"at": now})  # fmt: skip
+                pipe.expire(self.keys.prediction(entry["key"]), self.stream.prediction_ttl_s)
+            if event.enqueued_at:
+                outcome.latencies.append(now - event.enqueued_at)
+        for stream_key, items in ((self.keys.dead, dead), (self.keys.late, late_events)):
+            for event in items:
+                pipe.xadd(stream_key, {
+                    "stream": event.stream, "id": event.message_id,
+                    "reason": event.reason or "late: older than the entity's last event",
+                    "record": json.dumps(event.record, default=str),
+                    "deliveries": event.deliveries,
+                }, maxlen=1_000_000, approximate=True)  # fmt: skip
+        for key in done_keys:
+            pipe.set(key, 1, ex=self.stream.prediction_ttl_s)
+        counts = {"events": len(events), "scored": len(scored), "dead": len(dead)}
+        counts |= {"late": len(late_events), "duplicates": outcome.duplicates}
+        for name, value in counts.items():
+            if value:
+                pipe.hincrby(self.keys.stats, name, value)
+        by_stream: dict[str, list[str]] = {}
+        for event in events:
+            by_stream.setdefault(event.stream, []).append(event.message_id)
+        for stream_key, ids in by_stream.items():
+            pipe.xack(stream_key, self.stream.group, *ids)
+        pipe.execute()
+        outcome.scored, outcome.dead, outcome.late = len(scored), len(dead), len(late_events)
+        for name in ("scored", "dead", "late", "duplicates"):
+            setattr(self.totals, name, getattr(self.totals, name) + getattr(outcome, name))
+        return outcome
+
+    def _score(self, events: list[Event]):
+        """(event, score entry) for scored events, late row indexes, per-row reasons, step."""
+        if not events:
+            return [], [], [], None
+        scorer, records = self.scorer, [e.record for e in events]
+        steps: list = []
+
+        def prior(entities, amounts, seconds, null_time, reasons):
+            usable = [r is None and not t for r, t in zip(reasons, null_time, strict=True)]
+            states = self.state.read(entities)
+            ids = [f"{e.stream}/{e.message_id}" for e in events]
+            seconds = [None if t else int(s) for s, t in zip(seconds, null_time, strict=True)]
+            step = self.state.step(states, entities, amounts, seconds, ids, usable, advance=True)
+            steps[:] = [step]
+            return {"count": step.count, "total": step.total, "last": step.last,
+                    "windows": step.windows}  # fmt: skip
+
+        history = scorer.spec.features.history is not None
+        matrix, reasons = scorer.features(records, state=prior if history else None)
+        scores = scorer.scores_for(matrix, reasons)
+        step = steps[0] if steps else None
+        late = set(step.late) if step else set()
+        bundle, spec = scorer.bundle, scorer.spec
+        key_column = spec.source.primary_key
+        entity_column = spec.features.history.entity if history else None
+        scored = []
+        for row, event in enumerate(events):
+            if reasons[row] is not None or row in late:
+                continue
+            score = scores[row]
+            entry = {
+                "id": event.message_id,
+                "stream": event.stream,
+                "key": "" if not key_column else str(event.record.get(key_column, "")),
+                "entity": "" if not entity_column else str(event.record.get(entity_column)),
+                "model": bundle.name,
+                "version": bundle.version,
+                "event_time": str(event.record.get(spec.features.timestamp or "", "")),
+                "scored_at": time.time(),
+                "enqueued_at": event.enqueued_at or "",
+            }
+            entry |= _decision(score, spec, bundle.threshold)
+            if self.stream.emit_features:  # float32 values, exact in JSON
+                entry["features"] = json.dumps(matrix[row].tolist())
+            scored.append((event, entry))
+        return scored, sorted(late), reasons, step
+
+
+def _decision(score, spec, threshold) -> dict:
+    """The score fields per task, as the HTTP API answers them."""
+    if spec.task == "binary":
+        return {"score": repr(float(score)), "label": int(score >= threshold)}
+    if spec.task == "multiclass":
+        best = int(np.argmax(score))
+        return {"score": json.dumps([float(p) for p in score]), "label": spec.classes[best]}
+    return {"score": repr(float(score)), "label": ""}
