@@ -54,8 +54,14 @@ def consumer_lag(client: redis.Redis, keys: StreamKeys, group: str) -> int:
     for stream in keys.all_events():
         for info in client.xinfo_groups(stream):
             name = info["name"].decode() if isinstance(info["name"], bytes) else info["name"]
-            if name == group:
-                total += int(info.get("lag") or 0) + int(info.get("pending") or 0)
+            if name != group:
+                continue
+            lag = info.get("lag")
+            if lag is None:  # Redis cannot tell (after a restart or a trim): count them
+                last = info["last-delivered-id"]
+                last = last.decode() if isinstance(last, bytes) else last
+                lag = len(client.xrange(stream, min=f"({last}", count=1_000_000))
+            total += int(lag) + int(info.get("pending") or 0)
     return total
 
 
@@ -151,6 +157,22 @@ class Coordinator:
         ray.get(shrink)
         ray.get([w.assign.remote(p) for w, p in zip(self.workers, plan, strict=True)])
 
+    def revive(self) -> None:
+        """A worker whose process died (Ray restarts the actor) gets its loop and partitions
+        back; what it left pending is read first."""
+        import ray
+
+        finished, _ = ray.wait(self.runs, num_returns=len(self.runs), timeout=0)
+        for ref in finished:
+            index = self.runs.index(ref)
+            try:
+                self._collect(ray.get(ref))
+            except ray.exceptions.RayActorError as error:
+                self.result.scale_events.append(f"worker {index} lost: {type(error).__name__}")
+            self.runs[index] = self.workers[index].run.remote()
+        if finished:
+            self._rebalance()
+
     def rescale(self, lag: int) -> None:
         """One worker more above `scale_up_lag`, one fewer after a quiet spell below
         `scale_down_lag`, within the configured bounds."""
@@ -217,6 +239,7 @@ def run_stream(
         while True:
             time.sleep(1.0)
             lag = consumer_lag(coordinator.client, coordinator.keys, config.stream.group)
+            coordinator.revive()
             coordinator.rescale(lag)
             coordinator.result.score_files += flush_scores(config, coordinator.client, storage)
             for hook in hooks:

@@ -17,9 +17,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import redis
+from pydantic import ValidationError
 
 from jobs.feature_state import FeatureState
 from jobs.online import OnlineScorer
+from jobs.records import record_model
 from jobs.registry import load_bundle, resolve
 from jobs.storage import Storage, join
 from jobs.stream_keys import StreamKeys
@@ -92,8 +94,6 @@ class StreamWorker:
         ensure_groups(self.client, self.keys, self.stream.group)
         self.storage = Storage(config.s3)
         self.registry_uri = join(config.storage, "registry")
-        self.state = FeatureState(self.client, self.keys.prefix, config.features, self.stream)
-        self.windows = any(w.kind == "tumbling" for w in config.features.windows.values())
         self.partitions = list(partitions or [])
         self._wanted: list[int] | None = None
         self._applied = threading.Event()
@@ -171,6 +171,10 @@ class StreamWorker:
         if self.scorer is None or self.scorer.bundle.version != version:
             bundle = load_bundle(self.storage, self.registry_uri, self.config.name, version)
             self.scorer = OnlineScorer(bundle)
+            features = bundle.spec.features  # the model's windows, not the config's
+            self.state = FeatureState(self.client, self.keys.prefix, features, self.stream)
+            self.windows = any(w.kind == "tumbling" for w in features.windows.values())
+            self._record_model = record_model(bundle.spec)
         self._checked_at = time.monotonic()
 
     # ------------------------------------------------------------------ reading
@@ -253,8 +257,9 @@ class StreamWorker:
                         f"failed {event.deliveries} times: {type(error).__name__}: {error}"
                     )
                     part = self._commit([event])
-                else:
+                else:  # left pending: the next read of its partition retries it
                     part = Outcome(pending=1)
+                    self._pending.add(int(event.stream.rsplit(":", 1)[-1]))
             for name in ("scored", "dead", "late", "duplicates", "pending"):
                 setattr(outcome, name, getattr(outcome, name) + getattr(part, name))
             outcome.latencies += part.latencies
@@ -267,7 +272,9 @@ class StreamWorker:
         valid = [e for e in fresh if e.reason is None]
         dead = [e for e in fresh if e.reason is not None]
         outcome = Outcome(duplicates=len(events) - len(fresh))
-        scored, late, reasons, step = self._score(valid)
+        scored, late, reasons, step, invalid = self._score(valid)
+        dead += invalid
+        valid = [e for e in valid if e.reason is None]
         for event, reason in zip(valid, reasons, strict=True):
             if reason is not None:
                 event.reason = reason
@@ -320,8 +327,22 @@ class StreamWorker:
     def _score(self, events: list[Event]):
         """(event, score entry) for scored events, late row indexes, per-row reasons, step."""
         if not events:
-            return [], [], [], None
-        scorer, records = self.scorer, [e.record for e in events]
+            return [], [], [], None, []
+        scorer = self.scorer
+        records, typed = [], []
+        for event in events:  # the HTTP endpoint's record contract: types, names, UTC
+            try:
+                records.append(self._record_model.model_validate(event.record).model_dump())
+                typed.append(event)
+            except ValidationError as error:
+                first = error.errors()[0]
+                where = ".".join(str(part) for part in first.get("loc", ())) or "record"
+                event.reason = f"{where}: {first.get('msg', 'invalid')}"
+        if len(typed) < len(events):
+            invalid = [e for e in events if e.reason is not None]
+            scored, late, reasons, step = self._score(typed)
+            return scored, late, reasons, step, invalid
+        events = typed
         steps: list = []
 
         def prior(entities, amounts, seconds, null_time, reasons):
@@ -362,7 +383,7 @@ class StreamWorker:
             if self.stream.emit_features:  # float32 values, exact in JSON
                 entry["features"] = json.dumps(matrix[row].tolist())
             scored.append((event, entry))
-        return scored, sorted(late), reasons, step
+        return scored, sorted(late), reasons, step, []
 
 
 def _decision(score, spec, threshold) -> dict:

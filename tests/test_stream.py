@@ -1,0 +1,215 @@
+"""The stream side against a real redis-server and the pipeline's real bundle.
+
+Every count here is made from what the test itself sent, not from the workers' counters."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from datetime import datetime
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+from jobs.feature_state import FeatureState, bootstrap
+from jobs.featurespec import feature_matrix, transform
+from jobs.registry import load_bundle
+from jobs.scoring import model_scores
+from jobs.storage import Storage, join
+from jobs.stream import consumer_lag, flush_scores
+from jobs.stream_config import StreamConfig
+from jobs.stream_keys import StreamKeys
+from jobs.stream_worker import StreamWorker
+
+pytestmark = pytest.mark.slow
+
+
+def streamed(config, redis_url: str, **stream):
+    values = {"redis_url": redis_url, "partitions": 2, "batch_size": 64, "block_ms": 20}
+    return config.model_copy(update={"stream": StreamConfig(**(values | stream))})
+
+
+def fact_rows(config, run_uri: str) -> pa.Table:
+    """The run's accepted fact rows, in (event time, key) order: the order a stream delivers."""
+    table = Storage(config.s3).read_table_dir(join(run_uri, "ingest", "transactions"))
+    return table.sort_by([("timestamp", "ascending"), ("transaction_id", "ascending")])
+
+
+def as_record(row: dict) -> dict:
+    columns = ("transaction_id", "customer_id", "merchant_id", "amount", "currency", "channel")
+    record = {name: row[name] for name in columns}
+    record["timestamp"] = row["timestamp"].isoformat()
+    return record
+
+
+def send(client, keys: StreamKeys, records: list[dict], entity="customer_id") -> list[str]:
+    """XADDs each record to its entity's partition; returns 'stream/id' of every message."""
+    pipe = client.pipeline(transaction=False)
+    streams = []
+    for record in records:
+        stream = keys.events(keys.partition(record.get(entity)))
+        streams.append(stream)
+        pipe.xadd(stream, {"record": json.dumps(record), "enqueued_at": time.time()})
+    ids = pipe.execute()
+    return [f"{s}/{i.decode()}" for s, i in zip(streams, ids, strict=True)]
+
+
+def drain(worker: StreamWorker, client, keys, group="rayline", timeout=120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while consumer_lag(client, keys, group) > 0:
+        assert time.monotonic() < deadline, "the worker did not drain the stream"
+        worker.poll()
+
+
+def scores(client, keys) -> list[dict]:
+    return [
+        {k.decode(): v.decode() for k, v in fields.items()}
+        for _, fields in client.xrange(keys.scores)
+    ]
+
+
+def test_replayed_test_split_gets_the_batch_features_and_scores_exactly(pipeline_run, redis_server):
+    config, result = pipeline_run
+    config = streamed(config, redis_server.url, emit_features=True)
+    client, keys = redis_server.client(), StreamKeys.of(config)
+    storage = Storage(config.s3)
+    bundle = load_bundle(storage, join(config.storage, "registry"), config.name, result.version)
+    test_raw = storage.read_table_dir(join(result.run_uri, "features", "test_raw"))
+    rows = fact_rows(config, result.run_uri)
+    in_test = pc.is_in(rows.column("transaction_id"), value_set=test_raw.column("transaction_id"))
+    history = rows.filter(pc.invert(in_test))
+    state = FeatureState(client, keys.prefix, bundle.spec.features, config.stream)
+    assert bootstrap(state, history, bundle.spec.features, "transaction_id") == history.num_rows
+
+    test_rows = rows.filter(in_test).to_pylist()
+    sent = send(client, keys, [as_record(row) for row in test_rows])
+    worker = StreamWorker(config, [0, 1], client=client)
+    assert worker.scorer.bundle.version == result.version
+    drain(worker, client, keys)
+
+    out = scores(client, keys)
+    assert sorted(f"{e['stream']}/{e['id']}" for e in out) == sorted(sent)  # each once
+    batch = feature_matrix(transform(test_raw, bundle.spec), bundle.spec.feature_names)
+    expected = model_scores(bundle.booster, batch, bundle.spec.task, bundle.calibration)
+    position = {key: i for i, key in enumerate(test_raw.column("transaction_id").to_pylist())}
+    online = np.array([json.loads(e["features"]) for e in out], dtype=np.float32)
+    order = [position[e["key"]] for e in out]
+    np.testing.assert_array_equal(online, batch[order])  # bitwise, history included
+    np.testing.assert_array_equal([float(e["score"]) for e in out], expected[order])
+    assert {e["version"] for e in out} == {str(result.version)}
+    assert client.xlen(keys.dead) == 0 and client.xlen(keys.late) == 0
+
+    files = flush_scores(config, client, storage)
+    stored = storage.read_table_dir(join(config.storage, "stream", "scores"))
+    assert files >= 1 and sorted(stored.column("message_id").to_pylist()) == sorted(
+        e["id"] for e in out
+    )
+    assert flush_scores(config, client, storage) == 0  # nothing new: no duplicate file
+
+
+def test_malformed_and_poison_events_end_in_dead_letters(pipeline_run, redis_server):
+    config, result = pipeline_run
+    config = streamed(config, redis_server.url, max_deliveries=3, partitions=1)
+    client, keys = redis_server.client(), StreamKeys.of(config)
+    rows = fact_rows(config, result.run_uri).slice(0, 20).to_pylist()
+    good = [as_record(row) for row in rows]
+    worker = StreamWorker(config, [0], client=client)
+    stream = keys.events(0)
+    client.xadd(stream, {"record": b"{not json"})
+    client.xadd(stream, {"record": json.dumps([1, 2])})
+    client.xadd(stream, {"other": "field"})
+    client.xadd(stream, {"record": json.dumps({**good[0], "amount": "12.5"})})  # a string
+    client.xadd(stream, {"record": json.dumps({**good[1], "channel": "fax"})})  # a rule
+    # A poison key: its stored state is corrupt, so every attempt to score it fails.
+    poison = {**good[2], "customer_id": "C-POISON"}
+    client.hset(f"{keys.prefix}:state:C-POISON", mapping={"c": "x", "s": "y"})
+    client.xadd(stream, {"record": json.dumps(poison)})
+    send(client, keys, good[3:])
+    for _ in range(10):
+        worker.poll()
+        if consumer_lag(client, keys, "rayline") == 0:
+            break
+    assert consumer_lag(client, keys, "rayline") == 0, "the poison event blocked the stream"
+    dead = {
+        fields[b"reason"].decode(): json.loads(fields[b"record"])
+        for _, fields in client.xrange(keys.dead)
+    }
+    reasons = sorted(dead)
+    assert len(reasons) == 6, reasons
+    assert any(r.startswith("record: not JSON") for r in reasons)
+    assert "record: not a JSON object" in reasons and "no `record` field" in reasons
+    assert any(r.startswith("amount:") for r in reasons)
+    assert "channel: not allowed" in reasons
+    assert any(r.startswith("failed 3 times: ValueError") for r in reasons)
+    assert len(scores(client, keys)) == len(good) - 3  # every good neighbour was scored
+
+
+def test_a_message_that_keeps_killing_its_worker_is_dead_lettered(pipeline_run, redis_server):
+    """Crashes leave a message pending; each new owner re-reads it; past max_deliveries it
+    goes to the dead letters instead of taking the next worker down too."""
+    config, result = pipeline_run
+    config = streamed(config, redis_server.url, max_deliveries=2, partitions=1)
+    client, keys = redis_server.client(), StreamKeys.of(config)
+    worker = StreamWorker(config, [0], client=client)
+    record = as_record(fact_rows(config, result.run_uri).slice(0, 1).to_pylist()[0])
+    send(client, keys, [record])
+    # Two owners read it and died before acknowledging: the first as new, the next from the
+    # pending list; the third delivery is this worker's.
+    client.xreadgroup("rayline", "worker", {keys.events(0): ">"}, count=10)
+    client.xreadgroup("rayline", "worker", {keys.events(0): "0"}, count=10)
+    worker.poll()
+    ((_, fields),) = client.xrange(keys.dead)
+    assert fields[b"reason"].decode().startswith("delivered 3 times")
+    assert consumer_lag(client, keys, "rayline") == 0 and client.xlen(keys.scores) == 0
+
+
+def test_a_broker_restart_loses_nothing(pipeline_run, redis_server):
+    config, result = pipeline_run
+    config = streamed(config, redis_server.url)
+    client, keys = redis_server.client(), StreamKeys.of(config)
+    records = [
+        as_record(row) for row in fact_rows(config, result.run_uri).slice(0, 600).to_pylist()
+    ]
+    worker = StreamWorker(config, [0, 1], client=redis_server.client())
+    first = send(client, keys, records[:300])
+    thread = threading.Thread(target=worker.run, kwargs={"seconds": 60}, daemon=True)
+    thread.start()
+    time.sleep(0.3)
+    redis_server.restart()  # SIGTERM: redis writes its append-only file and exits
+    client = redis_server.client()
+    second = send(client, keys, records[300:])
+    deadline = time.monotonic() + 60
+    while consumer_lag(client, keys, "rayline") > 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    worker.stop()
+    thread.join(30)
+    out = scores(client, keys)
+    assert sorted(f"{e['stream']}/{e['id']}" for e in out) == sorted(first + second)
+    assert worker.errors >= 1  # it did see the broker go away
+
+
+def test_late_events_go_to_their_stream_and_state_expires(pipeline_run, redis_server):
+    config, result = pipeline_run
+    config = streamed(config, redis_server.url, allowed_lateness_s=60, state_ttl_s=3600)
+    client, keys = redis_server.client(), StreamKeys.of(config)
+    base = as_record(fact_rows(config, result.run_uri).slice(0, 1).to_pylist()[0])
+    moment = datetime.fromisoformat(base["timestamp"])
+    stamps = [moment.replace(second=30), moment.replace(second=0), moment.replace(minute=0)]
+    records = [
+        {**base, "transaction_id": f"late-{i}", "customer_id": "C-LATE", "timestamp": s.isoformat()}
+        for i, s in enumerate([*stamps, stamps[0]])
+    ]
+    records[2]["timestamp"] = moment.replace(second=30).timestamp() - 3600  # an hour early
+    records[2]["timestamp"] = datetime.fromtimestamp(records[2]["timestamp"]).isoformat()
+    send(client, keys, records)
+    worker = StreamWorker(config, [0, 1], client=client)
+    drain(worker, client, keys)
+    late = [json.loads(f[b"record"])["transaction_id"] for _, f in client.xrange(keys.late)]
+    assert late == ["late-2"]  # 30 s out of order is allowed; an hour is not
+    assert {e["key"] for e in scores(client, keys)} == {"late-0", "late-1", "late-3"}
+    assert int(client.hget(keys.stats, "late")) == 1
+    ttl = client.ttl(f"{keys.prefix}:state:C-LATE")
+    assert 3500 < ttl <= 3600
