@@ -24,7 +24,7 @@ from jobs.config_checks import (
 )
 from jobs.errors import ConfigError
 from jobs.label_map import LabelMap
-from jobs.serve_config import ServeConfig, Strict
+from jobs.serve_config import ServeConfig, Strict, check_online_state
 from jobs.stream_config import StreamConfig, WindowFeature
 
 __all__ = [
@@ -332,6 +332,7 @@ class Config(Strict):
         check_features(self)
         check_task(self)
         check_search(self)
+        check_online_state(self)
         add_label_rules(self)
         for served in self.serve.models:
             served.name = served.name or self.name

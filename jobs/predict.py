@@ -5,6 +5,10 @@ inference calls it for each Ray Data batch inside an actor that loads the bundle
 input is read by the same readers as ingest (`jobs.sources`), one Ray task per file: a line that
 does not parse or decode, or a row that fails the fact source's rules, is written to
 `quarantine/` with its reason, and an unreadable file is named in the result; nothing is lost.
+
+With `online_state`, history and window features come from the online feature state in Redis
+(`jobs.feature_state`, what the stream side keeps current) instead of the bundle's snapshot:
+`OnlineState` is the one reader Serve and batch inference share, one round trip per call.
 """
 
 from __future__ import annotations
@@ -12,11 +16,13 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from typing import Annotated
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
+import redis
 import typer
 from ray.data.expressions import col
 from ray.util.annotations import RayDeprecationWarning
@@ -24,14 +30,18 @@ from ray.util.annotations import RayDeprecationWarning
 from jobs import validate
 from jobs.config import Config, load_config
 from jobs.entrypoint import run_cli
-from jobs.errors import SourceError
+from jobs.errors import ConfigError, SourceError, StreamError
+from jobs.feature_state import FeatureState
 from jobs.featurespec import enrich, feature_matrix, online_source, transform
+from jobs.online import stated_history
+from jobs.online_values import _floats
 from jobs.pii import pii_key
 from jobs.ray_runtime import init_ray
 from jobs.registry import Bundle, load_bundle
 from jobs.scoring import model_scores
 from jobs.sources import read_file
 from jobs.storage import Storage, join
+from jobs.stream_keys import StreamKeys
 from jobs.validate import REASON, RECORD
 
 
@@ -47,15 +57,99 @@ class PredictResult:
     bad_files: dict[str, str]
 
 
+def redact(url: str) -> str:
+    """A broker URL fit for a message: its password (if any) masked."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+
+
+class OnlineState:
+    """A process's reader of the online feature state: one Redis client, and per bundle a
+    read-only `state` callback for `OnlineScorer` and `score_records`. One call reads the
+    distinct entities of its rows in one pipelined round trip and changes nothing (each row
+    sees the stored state, `advance=False`). Redis unreachable: a `StreamError` naming the
+    broker; the client reconnects by itself on a later call once Redis is back."""
+
+    def __init__(self, stream, prefix: str, client: redis.Redis | None = None):
+        self.stream, self.prefix, self.where = stream, prefix, redact(stream.redis_url)
+        self.client = client or redis.Redis.from_url(
+            stream.redis_url, socket_connect_timeout=2.0, socket_timeout=2.0
+        )
+
+    @classmethod
+    def of(cls, config) -> OnlineState:
+        if config.stream is None:
+            raise ConfigError("the online feature state needs a `stream:` section (redis_url)")
+        return cls(config.stream, StreamKeys.of(config).prefix)
+
+    def unavailable(self, error: Exception) -> StreamError:
+        reason = f"{type(error).__name__}: {str(error)[:200]}"
+        return StreamError(f"online feature state unavailable: Redis at {self.where} ({reason})")
+
+    def ping(self) -> None:
+        try:
+            self.client.ping()
+        except redis.RedisError as error:
+            raise self.unavailable(error) from None
+
+    def reader(self, features):
+        """The `state` callback for bundles with these features (None without history)."""
+        if features.history is None:
+            return None
+        state = FeatureState(self.client, self.prefix, features, self.stream)
+
+        def prior(entities, amounts, seconds, null_time, reasons) -> dict:
+            usable = [r is None and not t for r, t in zip(reasons, null_time, strict=True)]
+            try:
+                states = state.read([e for e, ok in zip(entities, usable, strict=True) if ok])
+            except redis.RedisError as error:
+                raise self.unavailable(error) from None
+            moments = [None if t else int(s) for s, t in zip(seconds, null_time, strict=True)]
+            ids = [""] * len(entities)
+            step = state.step(states, entities, amounts, moments, ids, usable, advance=False)
+            return {"count": step.count, "total": step.total, "last": step.last,
+                    "windows": step.windows}  # fmt: skip
+
+        return prior
+
+
+def with_state(enriched: pa.Table, reasons: list, spec, state) -> pa.Table:
+    """`enrich`'s output with its history (and window) columns from `state` instead of the
+    snapshot: what `OnlineScorer.features` does on its Arrow path."""
+    history = spec.features.history
+    amounts = pc.cast(enriched.column(history.amount), pa.float64()).to_pylist()
+    stamps = enriched.column(spec.features.timestamp)
+    stamps = pc.cast(pc.cast(stamps, pa.timestamp("s")), pa.int64())
+    null_time = np.array([v is None for v in stamps.to_pylist()], dtype=bool)
+    seconds = np.array(pc.fill_null(stamps, 0).to_pylist(), dtype=np.int64)
+    entities = enriched.column(history.entity).to_pylist()
+    prior = state(entities, amounts, seconds, null_time, reasons)
+    with np.errstate(all="ignore"):
+        values = stated_history(prior, _floats(amounts), seconds, null_time)
+    for name, value in values.items():
+        column = pa.array(value, pa.float64())
+        if name in enriched.column_names:
+            enriched = enriched.set_column(enriched.column_names.index(name), name, column)
+        else:
+            enriched = enriched.append_column(name, column)
+    return enriched
+
+
 def score_records(
-    bundle: Bundle, records: pa.Table, raw_names: bool = False
+    bundle: Bundle, records: pa.Table, raw_names: bool = False, state=None
 ) -> tuple[np.ndarray, pa.Array]:
     """Scores for every record and the reasons records fail validation (their scores are NaN).
 
     Binary: calibrated probabilities; multiclass: a row of class probabilities; regression:
-    the predicted value (`jobs.scoring`)."""
+    the predicted value (`jobs.scoring`). `state`: an `OnlineState.reader` callback, for
+    history from the online state instead of the bundle's snapshot."""
     spec = bundle.spec
     enriched, reasons = enrich(records, spec, bundle.lookups, raw_names)
+    if state is not None and spec.features.history is not None:
+        enriched = with_state(enriched, reasons.to_pylist(), spec, state)
     matrix = feature_matrix(transform(enriched, spec), spec.feature_names)
     scores = model_scores(bundle.booster, matrix, spec.task, bundle.calibration)
     invalid = pc.is_valid(reasons).to_numpy(zero_copy_only=False)
@@ -85,14 +179,16 @@ def prediction_columns(bundle: Bundle, scores: np.ndarray) -> dict[str, pa.Array
 class BundleScorer:
     """A Ray Data actor: loads the bundle once, then scores batches of raw fact-source rows."""
 
-    def __init__(self, storage: Storage, registry_uri: str, name: str, ref: str | int):
+    def __init__(self, storage: Storage, registry_uri: str, name: str, ref: str | int, state=None):
         self.bundle = load_bundle(storage, registry_uri, name, ref)
         self.key = self.bundle.spec.source.primary_key
+        # (stream config, key prefix): read history from the online state, once per batch
+        self.state = OnlineState(*state).reader(self.bundle.spec.features) if state else None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         read_reasons = batch.column(REASON) if REASON in batch.column_names else None
         batch = batch.drop_columns([c for c in (REASON, RECORD) if c in batch.column_names])
-        scores, reasons = score_records(self.bundle, batch, raw_names=True)
+        scores, reasons = score_records(self.bundle, batch, raw_names=True, state=self.state)
         if read_reasons is not None:  # a line that did not parse: its reason comes first
             reasons = pc.coalesce(read_reasons, reasons)
             unread = pc.is_valid(read_reasons).to_numpy(zero_copy_only=False)
@@ -133,9 +229,16 @@ def predict(
     ref: str | int = "production",
     storage: Storage | None = None,
     actors: int = 1,
+    online_state: bool = False,
 ) -> PredictResult:
-    """Scores every file under `input_uri` (the fact source's format and column names)."""
+    """Scores every file under `input_uri` (the fact source's format and column names);
+    with `online_state`, history from the online feature state (`stream.redis_url`)."""
     storage = storage or Storage(config.s3)
+    state = None
+    if online_state:  # fail before any Ray work: no `stream:`, or Redis not answering
+        reader = OnlineState.of(config)
+        reader.ping()
+        state = (config.stream, reader.prefix)
     registry_uri = join(config.storage, "registry")
     source = config.sources[config.fact]
     source = online_source(source, config.features.label, raw_names=True)
@@ -170,6 +273,7 @@ def predict(
                 "registry_uri": registry_uri,
                 "name": config.name,
                 "ref": version,
+                "state": state,
             },
             batch_format="pyarrow",
             batch_size=None,
@@ -204,13 +308,21 @@ def main(
     input: Annotated[str, typer.Option(help="URI of raw records in the fact source's format")],
     output: Annotated[str, typer.Option(help="URI to write predictions/ and quarantine/ under")],
     ref: Annotated[str, typer.Option(help="alias or version")] = "production",
+    online_state: Annotated[
+        bool,
+        typer.Option(
+            "--online-state",
+            help="history and window features from the online state in Redis "
+            "(stream.redis_url) instead of the bundle's snapshot",
+        ),
+    ] = False,
 ) -> None:
     """Batch inference with a registered bundle."""
     from dataclasses import asdict
 
     from jobs.summary import print_rows
 
-    result = predict(load_config(config), input, output, ref)
+    result = predict(load_config(config), input, output, ref, online_state=online_state)
     print_rows("predict", {k: str(v) for k, v in asdict(result).items()})
 
 

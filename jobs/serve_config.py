@@ -74,6 +74,11 @@ class ServeConfig(Strict):
     )
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
     refresh_s: float = Field(5.0, gt=0, description="how often replicas re-read aliases")
+    online_state: bool = Field(
+        False,
+        description="history and window features from the online state in Redis "
+        "(`stream.redis_url`) instead of the bundle's snapshot",
+    )
     auth: AuthConfig = Field(default_factory=AuthConfig)
     monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
 
@@ -89,3 +94,12 @@ class ServeConfig(Strict):
         if len(set(names)) != len(names):
             raise ValueError(f"serve.models: a model is listed twice ({names})")
         return self
+
+
+def check_online_state(config, error: type[Exception] = ValueError) -> None:
+    """`serve.online_state` reads the state the stream side writes: it needs `stream:`."""
+    if config.serve.online_state and config.stream is None:
+        raise error(
+            "serve.online_state: the online feature state lives in Redis; add a `stream:` "
+            "section (its redis_url and prefix name the state to read)"
+        )

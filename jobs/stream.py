@@ -9,6 +9,8 @@ labels to predictions, exports metrics and submits retraining when quality drops
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Annotated
@@ -24,8 +26,6 @@ from jobs.storage import Storage, join
 from jobs.stream_keys import StreamKeys
 from jobs.stream_worker import StreamWorker, ensure_groups
 from jobs.summary import console
-
-SCALE_DOWN_AFTER_S = 10.0  # lag must stay low this long before a worker is removed
 
 
 @dataclass
@@ -110,6 +110,20 @@ def connect(url: str) -> redis.Redis:
     return client
 
 
+def _when_available(method, *args, timeout: float = 120.0):
+    """Calls an actor method, waiting out a restart (Ray restarts a worker that died)."""
+    import ray
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return ray.get(method.remote(*args))
+        except ray.exceptions.ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
 class Coordinator:
     """Starts, scales and stops the worker actors; runs on the driver."""
 
@@ -146,16 +160,12 @@ class Coordinator:
 
     def _rebalance(self) -> None:
         """Shrinks every owner to its new share first, then grows: never two owners at once."""
-        import ray
-
         plan = assignment(self.stream.partitions, len(self.workers))
-        current = ray.get([w.counters.remote() for w in self.workers])
-        shrink = [
-            w.assign.remote(sorted(set(c["partitions"]) & set(p)))
-            for w, c, p in zip(self.workers, current, plan, strict=True)
-        ]
-        ray.get(shrink)
-        ray.get([w.assign.remote(p) for w, p in zip(self.workers, plan, strict=True)])
+        current = [_when_available(w.counters) for w in self.workers]
+        for worker, now, share in zip(self.workers, current, plan, strict=True):
+            _when_available(worker.assign, sorted(set(now["partitions"]) & set(share)))
+        for worker, share in zip(self.workers, plan, strict=True):
+            _when_available(worker.assign, share)
 
     def revive(self) -> None:
         """A worker whose process died (Ray restarts the actor) gets its loop and partitions
@@ -169,6 +179,7 @@ class Coordinator:
                 self._collect(ray.get(ref))
             except ray.exceptions.RayActorError as error:
                 self.result.scale_events.append(f"worker {index} lost: {type(error).__name__}")
+            _when_available(self.workers[index].counters)  # back (restarted) before its loop
             self.runs[index] = self.workers[index].run.remote()
         if finished:
             self._rebalance()
@@ -189,9 +200,9 @@ class Coordinator:
             self.low_since = None
             return
         self.low_since = self.low_since or now
-        if now - self.low_since >= SCALE_DOWN_AFTER_S:
+        if now - self.low_since >= self.stream.scale_down_after_s:
             victim, run = self.workers.pop(), self.runs.pop()
-            ray.get(victim.assign.remote([]))
+            _when_available(victim.assign, [])
             self._rebalance()
             victim.stop.remote()
             self._collect(ray.get(run))
@@ -224,15 +235,31 @@ def run_stream(
     until_idle: float | None = None,
     quiet: bool = False,
     hooks: tuple = (),
+    config_path: str | None = None,
+    root: str | None = None,
 ) -> StreamResult:
     """Streams until `seconds` pass, or the lag has been 0 for `until_idle` seconds, or
-    Ctrl-C. `hooks` are callables run once per second on the driver (sink, feedback, ...)."""
+    Ctrl-C. `hooks` are callables run once per second on the driver. With `config_path`, the
+    feedback loop (labels, live quality, retraining) runs beside it on the driver."""
+    from jobs.feedback import run_feedback
     from jobs.ray_runtime import init_ray
+    from jobs.stream_metrics import serve_metrics
 
     init_ray(config)
     coordinator = Coordinator(config)
     storage = Storage(config.s3)
     started = time.monotonic()
+    metrics = serve_metrics(config, connect(config.stream.redis_url))
+    stopping = threading.Event()
+    feedback = None
+    if config_path is not None:
+        feedback = threading.Thread(
+            target=run_feedback,
+            args=(config, connect(config.stream.redis_url), root or ".", config_path),
+            kwargs={"block_ms": 200, "stop": stopping.is_set},
+            daemon=True,
+        )
+        feedback.start()
     coordinator.start()
     idle_since, printed = None, 0.0
     try:
@@ -259,7 +286,12 @@ def run_stream(
                 break
     except KeyboardInterrupt:
         console.print("stream: stopping (Ctrl-C); in-flight batches finish first")
+    stopping.set()
     result = coordinator.stop()
+    if feedback is not None:
+        feedback.join(timeout=10)
+    if metrics is not None:
+        metrics.shutdown()
     result.score_files += flush_scores(config, coordinator.client, storage)
     stats = {
         k.decode(): int(v) for k, v in coordinator.client.hgetall(coordinator.keys.stats).items()
@@ -298,7 +330,9 @@ def run_command(
     loaded = load_config(config)
     if loaded.stream is None:
         raise ConfigError(f"{config} has no `stream:` section (see configs/fraud.yaml)")
-    result = run_stream(loaded, seconds=seconds, until_idle=until_idle)
+    result = run_stream(
+        loaded, seconds=seconds, until_idle=until_idle, config_path=config, root=os.getcwd()
+    )
     summary = {k: v for k, v in asdict(result).items() if k != "feedback"}
     console.print("stream: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
 

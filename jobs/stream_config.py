@@ -50,6 +50,7 @@ class StreamConfig(Strict):
     max_workers: int = Field(2, ge=1)
     scale_up_lag: int = Field(5000, ge=1, description="add a worker above this pending lag")
     scale_down_lag: int = Field(100, ge=0, description="remove one below this lag")
+    scale_down_after_s: float = Field(30.0, ge=0, description="...held this long")
     worker_cpus: float = Field(1.0, gt=0, le=64)
     max_deliveries: int = Field(3, ge=1, description="then a message goes to dead letters")
     claim_idle_ms: int = Field(30000, ge=100, description="reclaim a dead consumer's messages")

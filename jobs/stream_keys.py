@@ -51,7 +51,7 @@ class StreamKeys:
         return f"{self.prefix}:labels"
 
     @property
-    def stats(self) -> str:  # hash of counters: events, scored, dead, late, duplicates
+    def stats(self) -> str:  # counters: events, scored, dead, late, duplicates, labels_*
         return f"{self.prefix}:stats"
 
     def done(self, stream: str, message_id: str) -> str:
@@ -73,6 +73,10 @@ class StreamKeys:
     @property
     def retrain(self) -> str:  # hash: last retraining submission (time, job id, reason)
         return f"{self.prefix}:retrain"
+
+    @property
+    def workers(self) -> str:  # hash: worker pid -> {"partitions", "at"} (a heartbeat)
+        return f"{self.prefix}:workers"
 
     @property
     def sink_cursor(self) -> str:  # the last scores-stream id written to storage

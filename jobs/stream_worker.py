@@ -11,6 +11,7 @@ from the pending list the old one left; `XAUTOCLAIM` takes over what other consu
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -98,7 +99,7 @@ class StreamWorker:
         self._wanted: list[int] | None = None
         self._applied = threading.Event()
         self._stopping = threading.Event()
-        self._checked_at = 0.0
+        self._checked_at = self._beat_at = 0.0
         self._pending = set(self.partitions)  # partitions whose pending list comes first
         self.totals = Outcome()
         self._running = False
@@ -177,11 +178,19 @@ class StreamWorker:
             self._record_model = record_model(bundle.spec)
         self._checked_at = time.monotonic()
 
+    def _heartbeat(self) -> None:
+        """Who owns what, for `rayline stream status` and for tests that kill a worker."""
+        beat = {"partitions": self.partitions, "at": time.time()}
+        self.client.hset(self.keys.workers, str(os.getpid()), json.dumps(beat))
+        self._beat_at = time.monotonic()
+
     # ------------------------------------------------------------------ reading
     def poll(self) -> Outcome:
         """One read of every owned partition (pending first), one batch scored and committed."""
         if time.monotonic() - self._checked_at > self.stream.refresh_s:
             self._load_model()
+        if time.monotonic() - self._beat_at > 1.0:
+            self._heartbeat()
         if not self.partitions:
             time.sleep(self.stream.block_ms / 1000)
             return Outcome()

@@ -3,7 +3,9 @@
 One hop: the models live in the ingress replica (no second deployment, no handle call), each
 request is scored by the compiled online path (`jobs.online`), and `@serve.batch` merges
 concurrent requests into one model call per version. Replicas follow the registry's aliases and
-traffic split (`serving.slots`), so moving an alias needs no redeploy. Routes:
+traffic split (`serving.slots`), so moving an alias needs no redeploy. With
+`serve.online_state`, history comes from the online feature state in Redis, one round trip per
+batch; while Redis is unreachable /predict answers 503 naming the broker. Routes:
 POST /predict, POST /models/{name}/predict (scope predict); GET /models (predict);
 POST /admin/models/{name}/reload|rollback, PUT /admin/models/{name}/traffic (admin);
 GET /healthz, GET /readyz (no token: probes).
@@ -20,15 +22,16 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from ray import serve
-from ray.serve.config import AutoscalingConfig, BackpressureConfig
 from starlette.requests import ClientDisconnect
 
 from jobs.aliases import rollback
 from jobs.config import Config
-from jobs.errors import BundleError, RaylineError
+from jobs.errors import BundleError, ConfigError, RaylineError, StreamError
+from jobs.predict import OnlineState
 from jobs.scoring import predictions as to_predictions
-from jobs.serve_config import ServedModelConfig
+from jobs.serve_config import ServedModelConfig, check_online_state
 from jobs.storage import Storage, join
+from jobs.stream_keys import StreamKeys
 from serving.auth import Authenticator, AuthFailure
 from serving.monitoring import Monitor, count_request, sample_uri
 from serving.schema import (
@@ -44,7 +47,7 @@ from serving.schema import (
     validate_body,
     validation_error,
 )
-from serving.slots import Loaded, ModelTable, RegistryLoader
+from serving.slots import Loaded, ModelTable, RegistryLoader, deployment_options
 
 logger = logging.getLogger("ray.serve")
 AUTH_LOC = ["header", "authorization"]
@@ -57,6 +60,8 @@ def records_in(items: list[tuple[Loaded, list[dict]]]) -> int:
 def build_app(config: Config, loader: RegistryLoader | None = None):
     """The Serve application for `config`: one ingress deployment holding the served models."""
     serve_cfg = config.serve
+    check_online_state(config, ConfigError)
+    online = (config.stream, StreamKeys.of(config).prefix) if serve_cfg.online_state else None
     if loader is None:
         loader = RegistryLoader(Storage(config.s3), join(config.storage, "registry"))
     # Fail before Ray starts: tokens configured, every model's alias resolvable. Replicas get
@@ -77,39 +82,16 @@ def build_app(config: Config, loader: RegistryLoader | None = None):
     api = FastAPI(title="rayline", description="Scores raw records with registered models.")
     api.add_exception_handler(RequestValidationError, validation_error)
     user_config = {"models": [m.model_dump() for m in serve_cfg.models]}
-    options: dict[str, Any] = {"num_cpus": serve_cfg.replica_cpus}
-    if serve_cfg.replica_resources:
-        options["resources"] = dict(serve_cfg.replica_resources)
-    if serve_cfg.replica_labels:
-        options["label_selector"] = dict(serve_cfg.replica_labels)
-    scaling = serve_cfg.autoscaling
-    replicas: dict[str, Any] = (
-        {
-            "autoscaling_config": AutoscalingConfig(
-                min_replicas=scaling.min_replicas,
-                max_replicas=scaling.max_replicas,
-                target_ongoing_requests=scaling.target_ongoing_requests,
-            )
-        }
-        if scaling.max_replicas > scaling.min_replicas
-        else {"num_replicas": scaling.min_replicas}
-    )
 
-    @serve.deployment(
-        ray_actor_options=options,
-        max_ongoing_requests=serve_cfg.max_ongoing_requests,
-        max_queued_requests=serve_cfg.max_queued_requests,
-        backpressure_config=BackpressureConfig(status_code=503, retry_after_s=1),
-        user_config=user_config,
-        **replicas,
-    )
+    @serve.deployment(user_config=user_config, **deployment_options(serve_cfg))
     @serve.ingress(api)
     class Ingress:
         def __init__(self, registry: RegistryLoader, auth: Authenticator):
             self.auth = auth
             self.table = ModelTable(
-                registry, serve_cfg.models, on_load=self._monitor, on_drop=self._unmonitor
-            )
+                registry, serve_cfg.models, self._monitor, self._unmonitor,
+                OnlineState(*online) if online else None,  # one Redis client per replica
+            )  # fmt: skip
             self.registry = registry
             self.ready = False
             self.follower: asyncio.Task | None = None
@@ -167,6 +149,8 @@ def build_app(config: Config, loader: RegistryLoader | None = None):
             for indexes in groups.values():
                 try:
                     self._score_group(items, indexes, results)
+                except StreamError as error:  # the online state is down: down for every one
+                    results = [error if i in indexes else r for i, r in enumerate(results)]
                 except Exception:  # noqa: BLE001  one request's failure stays its own
                     for index in indexes:
                         try:
@@ -179,7 +163,7 @@ def build_app(config: Config, loader: RegistryLoader | None = None):
         def _score_group(items: list, indexes: list[int], results: list) -> None:
             loaded = items[indexes[0]][0]
             flat = [record for i in indexes for record in items[i][1]]
-            matrix, reasons = loaded.scorer.features(flat)
+            matrix, reasons = loaded.scorer.features(flat, state=loaded.state)
             scores = loaded.scorer.scores_for(matrix, reasons)
             loaded.monitor.observe_batch(len(flat))
             start = 0
@@ -270,6 +254,11 @@ def build_app(config: Config, loader: RegistryLoader | None = None):
                 status = 422
                 detail = error_detail(invalid.errors())
                 return json_response(422, {"detail": detail, "request_id": request_id})
+            except StreamError as error:  # online state unreachable: retry, not a server bug
+                status = 503
+                detail = [{"loc": ["state"], "msg": str(error), "type": "unavailable"}]
+                body = {"detail": detail, "request_id": request_id}
+                return json_response(503, body, {"Retry-After": "1"})
             except TimeoutError:
                 status = 504
                 message = f"scoring took over {serve_cfg.request_timeout_s} s"
@@ -300,7 +289,7 @@ def build_app(config: Config, loader: RegistryLoader | None = None):
 
         async def _shadow(self, shadow: Loaded, records, primary, request_id, name) -> None:
             """Scores the shadow version and logs how it compares; the client never waits."""
-            scores, _ = shadow.scorer.score(records)
+            scores, _ = shadow.scorer.score(records, state=shadow.state)
             difference = np.abs(np.nan_to_num(scores) - np.nan_to_num(primary))
             logger.info(
                 "shadow",

@@ -6,6 +6,10 @@ The registry is the source of truth: every replica re-reads the alias and the mo
 file every `refresh_s` (and at once on an admin call or a `reconfigure`), loads a new version
 off the event loop, warms it up and only then swaps it in. Requests already holding the old
 version finish with it, so an alias move drops nothing.
+
+With `serve.online_state`, each loaded version also gets a `state` callback on the replica's
+one Redis client (`jobs.predict.OnlineState`): its history and window features are read from
+the online feature state for every batch instead of the bundle's snapshot.
 """
 
 from __future__ import annotations
@@ -16,16 +20,46 @@ import random
 from dataclasses import dataclass, field
 
 import numpy as np
+from ray.serve.config import AutoscalingConfig, BackpressureConfig
 
 from jobs.aliases import get_alias
 from jobs.errors import BundleError
 from jobs.online import OnlineScorer
+from jobs.predict import OnlineState
 from jobs.registry import Bundle, load_bundle, resolve
-from jobs.serve_config import CanaryConfig, ServedModelConfig
+from jobs.serve_config import CanaryConfig, ServeConfig, ServedModelConfig
 from jobs.storage import Storage, join
 
 logger = logging.getLogger("ray.serve")
 TRAFFIC_FILE = "traffic.json"  # per model, beside its versions: canary and shadow at run time
+
+
+def deployment_options(serve_cfg: ServeConfig) -> dict:
+    """`serve.deployment` options of the ingress: placement, limits, replicas."""
+    options: dict = {"num_cpus": serve_cfg.replica_cpus}
+    if serve_cfg.replica_resources:
+        options["resources"] = dict(serve_cfg.replica_resources)
+    if serve_cfg.replica_labels:
+        options["label_selector"] = dict(serve_cfg.replica_labels)
+    scaling = serve_cfg.autoscaling
+    replicas: dict = (
+        {
+            "autoscaling_config": AutoscalingConfig(
+                min_replicas=scaling.min_replicas,
+                max_replicas=scaling.max_replicas,
+                target_ongoing_requests=scaling.target_ongoing_requests,
+            )
+        }
+        if scaling.max_replicas > scaling.min_replicas
+        else {"num_replicas": scaling.min_replicas}
+    )
+    return {
+        "ray_actor_options": options,
+        "max_ongoing_requests": serve_cfg.max_ongoing_requests,
+        "max_queued_requests": serve_cfg.max_queued_requests,
+        "backpressure_config": BackpressureConfig(status_code=503, retry_after_s=1),
+        **replicas,
+    }
 
 
 @dataclass(frozen=True)
@@ -57,24 +91,28 @@ class RegistryLoader:
 
 @dataclass
 class Loaded:
-    """One loaded version: the bundle, its compiled scorer and its monitor."""
+    """One loaded version: the bundle, its compiled scorer, its monitor and, with the online
+    state, the read-only callback its scorer reads history through."""
 
     bundle: Bundle
     scorer: OnlineScorer
     monitor: object | None = None
+    state: object | None = None
 
     @property
     def version(self) -> int:
         return self.bundle.version
 
 
-def compile_bundle(bundle: Bundle) -> Loaded:
-    """Compiles and warms a bundle up so its first request is not the slow one."""
+def compile_bundle(bundle: Bundle, online: OnlineState | None = None) -> Loaded:
+    """Compiles and warms a bundle up so its first request is not the slow one (without
+    Redis: a replica starts, and answers 503, while the online state is unreachable)."""
     bundle.booster.set_param({"nthread": 1})  # one core per replica; threads only contend
     scorer = OnlineScorer.from_bundle(bundle)
     scorer.score([{}])  # exercises validation and the feature path
     bundle.booster.inplace_predict(np.zeros((1, bundle.booster.num_features()), np.float32))
-    return Loaded(bundle, scorer)
+    state = online.reader(bundle.spec.features) if online is not None else None
+    return Loaded(bundle, scorer, state=state)
 
 
 @dataclass
@@ -115,9 +153,14 @@ class ModelTable:
     """name -> ServedModel for one replica, kept in step with the registry."""
 
     def __init__(
-        self, loader: RegistryLoader, configs: list[ServedModelConfig], on_load=None, on_drop=None
+        self,
+        loader: RegistryLoader,
+        configs: list[ServedModelConfig],
+        on_load=None,
+        on_drop=None,
+        online: OnlineState | None = None,
     ):
-        self.loader, self.configs = loader, configs
+        self.loader, self.configs, self.online = loader, configs, online
         self.on_load, self.on_drop = on_load, on_drop  # e.g. start / stop a version's monitor
         self.models: dict[str, ServedModel] = {}
         self._lock = asyncio.Lock()
@@ -132,7 +175,7 @@ class ModelTable:
 
     def _load(self, name: str, version: int, cache: dict[int, Loaded]) -> Loaded:
         if version not in cache:
-            loaded = compile_bundle(self.loader.load(name, version))
+            loaded = compile_bundle(self.loader.load(name, version), self.online)
             if self.on_load is not None:
                 self.on_load(loaded)
             cache[version] = loaded
