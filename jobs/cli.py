@@ -19,6 +19,7 @@ from jobs import (
     registry,
     serve_status,
     spot_watcher,
+    stream,
     train,
     tune,
 )
@@ -31,6 +32,7 @@ app.add_typer(registry.app, name="models")
 app.add_typer(serve_status.app, name="serve")
 app.add_typer(cluster.app, name="cluster")
 app.add_typer(cost.app, name="cost")
+app.add_typer(stream.app, name="stream")
 app.command("ingest")(ingest.main)
 app.command("features")(features.main)
 app.command("train")(train.main)

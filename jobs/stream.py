@@ -22,6 +22,7 @@ import typer
 from jobs.config import load_config
 from jobs.entrypoint import run_cli
 from jobs.errors import ConfigError, StreamError
+from jobs.replay import replay_command
 from jobs.storage import Storage, join
 from jobs.stream_keys import StreamKeys
 from jobs.stream_worker import StreamWorker, ensure_groups
@@ -245,6 +246,7 @@ def run_stream(
     from jobs.ray_runtime import init_ray
     from jobs.stream_metrics import serve_metrics
 
+    connect(config.stream.redis_url)  # a wrong URL fails before Ray starts
     init_ray(config)
     coordinator = Coordinator(config)
     storage = Storage(config.s3)
@@ -327,14 +329,68 @@ def run_command(
     ] = None,
 ) -> None:
     """Runs the stream workers until stopped."""
-    loaded = load_config(config)
-    if loaded.stream is None:
-        raise ConfigError(f"{config} has no `stream:` section (see configs/fraud.yaml)")
+    loaded = _stream_config(config)
     result = run_stream(
         loaded, seconds=seconds, until_idle=until_idle, config_path=config, root=os.getcwd()
     )
     summary = {k: v for k, v in asdict(result).items() if k != "feedback"}
     console.print("stream: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
+
+
+def bootstrap_state(config, run_uri: str | None = None, exclude_split: str | None = None) -> dict:
+    """Loads the online state from a run's ingested fact rows (default: the run of the model
+    the stream scores with), leaving out one split's rows when asked (a replay of them
+    then starts where the batch features did)."""
+    import pyarrow.compute as pc
+
+    from jobs.feature_state import FeatureState, bootstrap
+    from jobs.registry import load_bundle
+
+    storage = Storage(config.s3)
+    registry_uri = join(config.storage, "registry")
+    bundle = load_bundle(storage, registry_uri, config.name, config.stream.alias)
+    run_uri = run_uri or bundle.lineage.get("run_uri")
+    if not run_uri:
+        raise ConfigError(f"model {config.name} v{bundle.version} names no run: pass --run")
+    if bundle.spec.features.history is None:
+        raise ConfigError("the model has no history features: there is no state to load")
+    table = storage.read_table_dir(join(run_uri, "ingest", config.fact))
+    key = bundle.spec.source.primary_key
+    if exclude_split:
+        held = storage.read_table_dir(join(run_uri, "features", f"{exclude_split}_raw"))
+        keep = pc.invert(pc.is_in(table.column(key), value_set=held.column(key)))
+        table = table.filter(keep)
+    client = connect(config.stream.redis_url)
+    state = FeatureState(client, StreamKeys.of(config).prefix, bundle.spec.features, config.stream)
+    started = time.perf_counter()
+    events = bootstrap(state, table, bundle.spec.features, key)
+    return {"events": events, "run": run_uri, "seconds": round(time.perf_counter() - started, 2)}
+
+
+@app.command("bootstrap")
+def bootstrap_command(
+    config: Annotated[str, typer.Option(help="Pipeline config YAML with a `stream:` section")],
+    run: Annotated[str | None, typer.Option(help="run folder (default: the model's run)")] = None,
+    exclude_split: Annotated[
+        str | None, typer.Option(help="leave out this split's rows (test: replay them later)")
+    ] = None,
+) -> None:
+    """Loads the online feature state from a pipeline run's events."""
+    loaded = _stream_config(config)
+    done = bootstrap_state(loaded, run, exclude_split)
+    console.print(
+        f"online state: {done['events']:,} events of {done['run']} applied in {done['seconds']} s"
+    )
+
+
+def _stream_config(path: str):
+    loaded = load_config(path)
+    if loaded.stream is None:
+        raise ConfigError(f"{path} has no `stream:` section (see configs/fraud.yaml)")
+    return loaded
+
+
+app.command("replay")(replay_command)
 
 
 def main() -> None:
