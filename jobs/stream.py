@@ -24,8 +24,9 @@ from jobs.entrypoint import run_cli
 from jobs.errors import ConfigError, StreamError
 from jobs.replay import replay_command
 from jobs.storage import Storage, join
+from jobs.stream_events import ensure_groups
 from jobs.stream_keys import StreamKeys
-from jobs.stream_worker import StreamWorker, ensure_groups
+from jobs.stream_worker import StreamWorker
 from jobs.summary import console
 
 

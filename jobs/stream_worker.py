@@ -14,9 +14,7 @@ import json
 import os
 import threading
 import time
-from dataclasses import dataclass, field
 
-import numpy as np
 import redis
 from pydantic import ValidationError
 
@@ -25,63 +23,10 @@ from jobs.online import OnlineScorer
 from jobs.records import record_model
 from jobs.registry import load_bundle, resolve
 from jobs.storage import Storage, join
+from jobs.stream_events import Event, Outcome, decision, ensure_groups, parse_event
 from jobs.stream_keys import StreamKeys
 
 CONSUMER = "worker"
-
-
-@dataclass
-class Event:
-    stream: str
-    message_id: str
-    record: dict | None
-    reason: str | None = None  # why it cannot be scored (malformed, poison)
-    enqueued_at: float | None = None
-    deliveries: int = 1
-
-
-@dataclass
-class Outcome:
-    """What one batch did, for the worker's counters."""
-
-    scored: int = 0
-    dead: int = 0
-    late: int = 0
-    duplicates: int = 0
-    pending: int = 0  # failed, left for another delivery
-    latencies: list[float] = field(default_factory=list)
-
-
-def ensure_groups(client: redis.Redis, keys: StreamKeys, group: str) -> None:
-    """Creates the consumer group on every partition (from the start of the stream)."""
-    for stream in keys.all_events():
-        try:
-            client.xgroup_create(stream, group, id="0", mkstream=True)
-        except redis.ResponseError as error:
-            if "BUSYGROUP" not in str(error):
-                raise
-
-
-def parse_event(stream: str, message_id, fields: dict | None, deliveries: int = 1) -> Event:
-    """A message as an event, or an event with the reason it is malformed."""
-    message_id = message_id.decode() if isinstance(message_id, bytes) else str(message_id)
-    if fields is None:
-        return Event(stream, message_id, None, "message was deleted from the stream", None)
-    fields = {k.decode() if isinstance(k, bytes) else k: v for k, v in fields.items()}
-    enqueued = fields.get("enqueued_at")
-    try:
-        enqueued = float(enqueued) if enqueued is not None else None
-    except ValueError:
-        enqueued = None
-    if "record" not in fields:
-        return Event(stream, message_id, None, "no `record` field", enqueued, deliveries)
-    try:
-        record = json.loads(fields["record"])
-    except (ValueError, UnicodeDecodeError) as error:
-        return Event(stream, message_id, None, f"record: not JSON ({error})", enqueued, deliveries)
-    if not isinstance(record, dict):
-        return Event(stream, message_id, None, "record: not a JSON object", enqueued, deliveries)
-    return Event(stream, message_id, record, None, enqueued, deliveries)
 
 
 class StreamWorker:
@@ -99,7 +44,7 @@ class StreamWorker:
         self._wanted: list[int] | None = None
         self._applied = threading.Event()
         self._stopping = threading.Event()
-        self._checked_at = self._beat_at = 0.0
+        self._checked_at = self._beat_at = self._swept_at = 0.0
         self._pending = set(self.partitions)  # partitions whose pending list comes first
         self.totals = Outcome()
         self._running = False
@@ -177,6 +122,29 @@ class StreamWorker:
             self.windows = any(w.kind == "tumbling" for w in features.windows.values())
             self._record_model = record_model(bundle.spec)
         self._checked_at = time.monotonic()
+
+    def close_idle_windows(self) -> None:
+        """Ends the tumbling windows of entities with no event for `window_idle_s` of wall
+        clock (a quiet key would otherwise hold its window open until its next event)."""
+        if time.monotonic() - self._swept_at < min(1.0, self.stream.window_idle_s):
+            return
+        self._swept_at = time.monotonic()
+        cutoff = time.time() - self.stream.window_idle_s
+        for partition in self.partitions:
+            key = self.keys.open_windows(partition)
+            idle = [e.decode() for e in self.client.zrangebyscore(key, "-inf", cutoff, 0, 1000)]
+            if not idle:
+                continue
+            states, changed, records = self.state.read(idle), {}, []
+            for entity in idle:
+                ended = self.state.close_idle(states[entity], entity)
+                if ended:
+                    records += ended
+                    changed[entity] = states[entity]
+            pipe = self.client.pipeline(transaction=True)
+            self.state.write(pipe, changed, self.keys.windows, records)
+            pipe.zrem(key, *idle)
+            pipe.execute()
 
     def _heartbeat(self) -> None:
         """Who owns what, for `rayline stream status` and for tests that kill a worker."""
@@ -293,7 +261,7 @@ class StreamWorker:
         now = time.time()
         if step is not None:
             self.state.write(pipe, step.updated, self.keys.windows, step.closed)
-            for entity in step.updated:
+            for entity in step.updated if self.windows else ():
                 partition = self.keys.partition(entity)
                 pipe.zadd(self.keys.open_windows(partition), {str(entity): now})
         for event, entry in scored:
@@ -388,18 +356,8 @@ class StreamWorker:
                 "scored_at": time.time(),
                 "enqueued_at": event.enqueued_at or "",
             }
-            entry |= _decision(score, spec, bundle.threshold)
+            entry |= decision(score, spec, bundle.threshold)
             if self.stream.emit_features:  # float32 values, exact in JSON
                 entry["features"] = json.dumps(matrix[row].tolist())
             scored.append((event, entry))
         return scored, sorted(late), reasons, step, []
-
-
-def _decision(score, spec, threshold) -> dict:
-    """The score fields per task, as the HTTP API answers them."""
-    if spec.task == "binary":
-        return {"score": repr(float(score)), "label": int(score >= threshold)}
-    if spec.task == "multiclass":
-        best = int(np.argmax(score))
-        return {"score": json.dumps([float(p) for p in score]), "label": spec.classes[best]}
-    return {"score": repr(float(score)), "label": ""}

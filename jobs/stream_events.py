@@ -1,0 +1,76 @@
+"""Events as the stream workers see them: parsed messages (or why they cannot be), the
+outcome of a batch, and the score fields per task."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import redis
+
+from jobs.stream_keys import StreamKeys
+
+
+@dataclass
+class Event:
+    stream: str
+    message_id: str
+    record: dict | None
+    reason: str | None = None  # why it cannot be scored (malformed, poison)
+    enqueued_at: float | None = None
+    deliveries: int = 1
+
+
+@dataclass
+class Outcome:
+    """What one batch did, for the worker's counters."""
+
+    scored: int = 0
+    dead: int = 0
+    late: int = 0
+    duplicates: int = 0
+    pending: int = 0  # failed, left for another delivery
+    latencies: list[float] = field(default_factory=list)
+
+
+def ensure_groups(client: redis.Redis, keys: StreamKeys, group: str) -> None:
+    """Creates the consumer group on every partition (from the start of the stream)."""
+    for stream in keys.all_events():
+        try:
+            client.xgroup_create(stream, group, id="0", mkstream=True)
+        except redis.ResponseError as error:
+            if "BUSYGROUP" not in str(error):
+                raise
+
+
+def parse_event(stream: str, message_id, fields: dict | None, deliveries: int = 1) -> Event:
+    """A message as an event, or an event with the reason it is malformed."""
+    message_id = message_id.decode() if isinstance(message_id, bytes) else str(message_id)
+    if fields is None:
+        return Event(stream, message_id, None, "message was deleted from the stream", None)
+    fields = {k.decode() if isinstance(k, bytes) else k: v for k, v in fields.items()}
+    enqueued = fields.get("enqueued_at")
+    try:
+        enqueued = float(enqueued) if enqueued is not None else None
+    except ValueError:
+        enqueued = None
+    if "record" not in fields:
+        return Event(stream, message_id, None, "no `record` field", enqueued, deliveries)
+    try:
+        record = json.loads(fields["record"])
+    except (ValueError, UnicodeDecodeError) as error:
+        return Event(stream, message_id, None, f"record: not JSON ({error})", enqueued, deliveries)
+    if not isinstance(record, dict):
+        return Event(stream, message_id, None, "record: not a JSON object", enqueued, deliveries)
+    return Event(stream, message_id, record, None, enqueued, deliveries)
+
+
+def decision(score, spec, threshold) -> dict:
+    """The score fields per task, as the HTTP API answers them."""
+    if spec.task == "binary":
+        return {"score": repr(float(score)), "label": int(score >= threshold)}
+    if spec.task == "multiclass":
+        best = int(np.argmax(score))
+        return {"score": json.dumps([float(p) for p in score]), "label": spec.classes[best]}
+    return {"score": repr(float(score)), "label": ""}
