@@ -219,13 +219,13 @@ def replay(
     options = dict(source_uri=source_uri, generate_rows=generate_rows, run_uri=run_uri)
     chosen = [name for name, value in options.items() if value]
     _check_options(config, rate, limit, generate_rows, label_delay_s, split, chosen)
+    fact = config.sources[config.fact]
+    if with_labels and not fact.primary_key:
+        raise ReplayError(f"labels need a primary key: source {config.fact!r} declares none")
     storage = Storage(config.s3)
     table, what, invalid, bad = load_events(config, storage, split=split, **options)
     if limit is not None:
         table = table.slice(0, limit)
-    fact = config.sources[config.fact]
-    if with_labels and not fact.primary_key:
-        raise ReplayError(f"labels need a primary key: source {config.fact!r} declares none")
     keys = StreamKeys.of(config)
     history = config.features.history
     entity = history.entity if history else fact.primary_key

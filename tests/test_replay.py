@@ -13,6 +13,7 @@ import sys
 import zlib
 from collections import Counter
 from datetime import datetime
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -20,6 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from jobs.config import load_config
 from jobs.entrypoint import run_cli
 from jobs.replay import ReplayError, TokenBucket, replay, replay_command
 from tests.conftest import ROOT, free_port, make_config
@@ -165,6 +167,32 @@ def test_a_runs_test_split_is_replayed_exactly(sample_data, tmp_path, redis_serv
     assert clean.invalid == 0
 
 
+def test_a_jsonl_source_with_dates_and_no_entity_goes_by_primary_key(tmp_path, redis_server):
+    from jobs.sample_tables import generate_table
+
+    made = generate_table("houses", str(tmp_path / "houses"), rows=400)
+    stream = {"redis_url": redis_server.url}
+    overrides = {"sources.listings.uri": str(tmp_path / "houses"), "stream": stream}
+    config = load_config(ROOT / "configs" / "houses.yaml", overrides)
+    result = replay(config, with_labels=True)
+    text = Path(made["file"]).read_text()
+    lines = [json.loads(line) for line in text.splitlines() if line.strip()]
+    client, prefix = redis_server.client(), "rayline:houses"
+    seen = {}
+    for partition in range(4):  # the default partitions
+        for _, fields in stream_messages(client, f"{prefix}:events:{partition}"):
+            record = json.loads(fields["record"])
+            assert zlib.crc32(record["listing"].encode()) % 4 == partition
+            seen[record["listing"]] = record
+    assert result.events == len(seen) == len(lines) == 400
+    for line in lines:
+        assert seen[line["listing"]]["listed_on"] == line["listed_on"]  # a date as ISO text
+        assert "price" not in seen[line["listing"]]
+    prices = {json.loads(f["record"])["listing"]: json.loads(f["record"])["price"]
+              for _, f in stream_messages(client, f"{prefix}:labels")}  # fmt: skip
+    assert prices == {line["listing"]: line["price"] for line in lines}
+
+
 def cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     monkeypatch.setattr(sys, "argv", ["replay", *args])
     with pytest.raises(SystemExit) as exit_info:
@@ -203,6 +231,11 @@ def test_bad_input_is_one_line_and_exit_code_2(sample_data, tmp_path, monkeypatc
         lines = err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], (args, err)
         assert "Traceback" not in err
+    survey = load_config(ROOT / "configs" / "survey.yaml", {"stream": {}})  # no timestamp
+    with pytest.raises(ReplayError, match="features.timestamp is not set"):
+        replay(survey)
+    with pytest.raises(ReplayError, match="has no `stream:` section"):
+        replay(make_config(sample_data, tmp_path, stream=None))
     with pytest.raises(ReplayError, match="choose one input"):
         replay(make_config(sample_data, tmp_path, stream={}), source_uri="x", generate_rows=5)
 

@@ -71,11 +71,10 @@ def scores(client, keys) -> list[dict]:
     ]
 
 
-def test_replayed_test_split_gets_the_batch_features_and_scores_exactly(pipeline_run, redis_server):
-    config, result = pipeline_run
-    config = streamed(config, redis_server.url, emit_features=True)
-    client, keys = redis_server.client(), StreamKeys.of(config)
-    storage = Storage(config.s3)
+def assert_replay_matches_batch(config, result, client) -> list[dict]:
+    """Bootstraps the state with the run's events outside its test split, streams the test
+    split through a worker and checks features (bitwise) and scores against the batch."""
+    keys, storage = StreamKeys.of(config), Storage(config.s3)
     bundle = load_bundle(storage, join(config.storage, "registry"), config.name, result.version)
     test_raw = storage.read_table_dir(join(result.run_uri, "features", "test_raw"))
     rows = fact_rows(config, result.run_uri)
@@ -84,9 +83,8 @@ def test_replayed_test_split_gets_the_batch_features_and_scores_exactly(pipeline
     state = FeatureState(client, keys.prefix, bundle.spec.features, config.stream)
     assert bootstrap(state, history, bundle.spec.features, "transaction_id") == history.num_rows
 
-    test_rows = rows.filter(in_test).to_pylist()
-    sent = send(client, keys, [as_record(row) for row in test_rows])
-    worker = StreamWorker(config, [0, 1], client=client)
+    sent = send(client, keys, [as_record(row) for row in rows.filter(in_test).to_pylist()])
+    worker = StreamWorker(config, list(range(config.stream.partitions)), client=client)
     assert worker.scorer.bundle.version == result.version
     drain(worker, client, keys)
 
@@ -101,7 +99,14 @@ def test_replayed_test_split_gets_the_batch_features_and_scores_exactly(pipeline
     np.testing.assert_array_equal([float(e["score"]) for e in out], expected[order])
     assert {e["version"] for e in out} == {str(result.version)}
     assert client.xlen(keys.dead) == 0 and client.xlen(keys.late) == 0
+    return out
 
+
+def test_replayed_test_split_gets_the_batch_features_and_scores_exactly(pipeline_run, redis_server):
+    config, result = pipeline_run
+    config = streamed(config, redis_server.url, emit_features=True)
+    client, storage = redis_server.client(), Storage(config.s3)
+    out = assert_replay_matches_batch(config, result, client)
     files = flush_scores(config, client, storage)
     stored = storage.read_table_dir(join(config.storage, "stream", "scores"))
     assert files >= 1 and sorted(stored.column("message_id").to_pylist()) == sorted(
