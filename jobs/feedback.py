@@ -57,7 +57,9 @@ class FeedbackJoiner:
         self.binary = config.task == "binary"
         label_map = getattr(config.features, "label_map", None)
         self.label_values = label_map.mapping() if label_map is not None else None
-        self._pending = True  # re-read this consumer's pending messages first
+        self.label_wait_s = config.stream.feedback.label_wait_s
+        self._cursor: str | None = "0"  # re-read this consumer's pending messages first
+        self._retry_at: float | None = None  # labels waiting for their prediction
         try:
             client.xgroup_create(self.keys.labels, GROUP, id="0", mkstream=True)
         except redis.ResponseError as error:
@@ -67,14 +69,17 @@ class FeedbackJoiner:
     def read(self, block_ms: int = 0) -> list[tuple[str, dict]]:
         """The next batch: this consumer's pending messages (after a restart), then messages
         idle too long at a dead consumer, then new ones."""
-        if self._pending:
+        if self._cursor is None and self._retry_at and time.monotonic() >= self._retry_at:
+            self._cursor, self._retry_at = "0", None  # labels that wait get another look
+        if self._cursor is not None:  # the pending list, once through, from a cursor
             reply = self.client.xreadgroup(
-                GROUP, self.consumer, {self.keys.labels: "0"}, count=self.batch_size
+                GROUP, self.consumer, {self.keys.labels: self._cursor}, count=self.batch_size
             )
             messages = reply[0][1] if reply else []
             if messages:
+                self._cursor = text(messages[-1][0])
                 return [(text(i), f or {}) for i, f in messages]
-            self._pending = False
+            self._cursor = None
         claimed = self.client.xautoclaim(
             self.keys.labels, GROUP, self.consumer, self.claim_idle_ms, "0-0", self.batch_size
         )
@@ -137,9 +142,14 @@ class FeedbackJoiner:
         now = time.time()
         counts = {"labels_joined": 0, "labels_unmatched": 0, "labels_dead": len(dead)}
         tx = self.client.pipeline(transaction=True)
+        waiting = set()
         for (message_id, fields, key, label), found in zip(parsed, predictions, strict=True):
             found = {text(k): text(v) for k, v in found.items()}
             record = text(fields.get(b"record", fields.get("record", "")))
+            sent_at = int(message_id.split("-")[0]) / 1000  # the stream id's milliseconds
+            if (not found or "score" not in found) and now - sent_at < self.label_wait_s:
+                waiting.add(message_id)  # its event may not be scored yet: stays pending
+                continue
             if not found or "score" not in found:
                 reason = f"no prediction for {self.key_column}={key!r} (expired or never scored)"
                 tx.xadd(
@@ -168,8 +178,13 @@ class FeedbackJoiner:
         for field, value in counts.items():
             if value:
                 tx.hincrby(keys.stats, field, value)
-        tx.xack(keys.labels, GROUP, *[message_id for message_id, _ in messages])
+        done = [message_id for message_id, _ in messages if message_id not in waiting]
+        if done:
+            tx.xack(keys.labels, GROUP, *done)
         tx.execute()
+        if waiting:
+            self._retry_at = self._retry_at or time.monotonic() + 1.0
+        counts["labels_waiting"] = len(waiting)
         return counts
 
 
@@ -394,5 +409,5 @@ def run_feedback(
             maybe_retrain(config, quality, drift, client, root, config_path)
         except redis.ConnectionError as error:  # broker restart: resume from the pending list
             print(f"feedback: Redis unavailable ({error}); retrying in 1 s")
-            joiner._pending = True
+            joiner._cursor = "0"
             time.sleep(1.0)

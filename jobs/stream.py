@@ -50,10 +50,12 @@ def assignment(partitions: int, workers: int) -> list[list[int]]:
     return [list(range(i, partitions, workers)) for i in range(workers)]
 
 
-def consumer_lag(client: redis.Redis, keys: StreamKeys, group: str) -> int:
+def consumer_lag(client: redis.Redis, keys: StreamKeys, group: str, streams=None) -> int:
     """Events not yet handled: never delivered (lag) plus delivered but unacknowledged."""
     total = 0
-    for stream in keys.all_events():
+    for stream in streams or keys.all_events():
+        if not client.exists(stream):
+            continue
         for info in client.xinfo_groups(stream):
             name = info["name"].decode() if isinstance(info["name"], bytes) else info["name"]
             if name != group:
@@ -264,7 +266,7 @@ def run_stream(
         )
         feedback.start()
     coordinator.start()
-    idle_since, printed = None, 0.0
+    idle_since, printed, labels = None, 0.0, coordinator.keys.labels
     try:
         while True:
             time.sleep(1.0)
@@ -278,6 +280,8 @@ def run_stream(
             if not quiet and time.monotonic() - printed >= 5:
                 printed = time.monotonic()
                 _print_progress(coordinator, lag, elapsed)
+            if feedback is not None:  # labels still to join count as work too
+                lag += consumer_lag(coordinator.client, coordinator.keys, "feedback", [labels])
             idle_since = (idle_since or time.monotonic()) if lag == 0 else None
             if (
                 until_idle is not None

@@ -26,6 +26,9 @@ class FeedbackConfig(Strict):
     """Labels that arrive later, joined to predictions by the fact source's primary key."""
 
     window: int = Field(2000, ge=10, description="latest labelled predictions the metrics cover")
+    label_wait_s: float = Field(
+        60.0, ge=0, description="a label that comes before its prediction waits this long"
+    )
     min_labels: int = Field(200, ge=1, description="labels needed before quality is judged")
     min_pr_auc: float | None = Field(None, ge=0, le=1, description="retrain below this")
     max_score_psi: float | None = Field(None, gt=0, description="retrain above this score PSI")

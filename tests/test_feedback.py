@@ -41,6 +41,7 @@ VENV_BIN = Path(sys.executable).parent
 
 
 def stream_config(tmp_path, redis_url: str, **feedback):
+    feedback.setdefault("label_wait_s", 0)
     stream = {"redis_url": redis_url, "partitions": 2, "batch_size": 8, "feedback": feedback}
     return make_config(tmp_path / "data", tmp_path / "storage", stream=stream)
 
@@ -359,3 +360,21 @@ def test_the_loop_joins_judges_and_survives_a_failed_submission(tmp_path, redis_
     assert out.count("retraining not submitted") == 1  # backs off, the loop goes on
     assert out.count("no bundle to compare scores with") == 1
     assert out.count("Redis unavailable") == 1 and "Traceback" not in out
+
+
+def test_a_label_that_comes_before_its_prediction_waits_for_it(tmp_path, redis_server):
+    config = stream_config(tmp_path, redis_server.url, label_wait_s=1.0)
+    client, keys = redis_server.client(), StreamKeys.of(config)
+    joiner = FeedbackJoiner(config, client)
+    send_label(client, keys, {"transaction_id": "early", "label": 1})
+    send_label(client, keys, {"transaction_id": "never", "label": 0})
+    assert joiner.poll() == 2 and feedback_pairs(client, keys) == []  # both wait, unacked
+    predict(client, keys, "early", 0.9)  # the event is scored after its label arrived
+    deadline = time.monotonic() + 10
+    while client.xpending(keys.labels, GROUP)["pending"] and time.monotonic() < deadline:
+        joiner.poll(block_ms=100)
+    assert [p["key"] for p in feedback_pairs(client, keys)] == ["early"]
+    ((_, unmatched),) = client.xrange(unmatched_stream(keys))
+    assert unmatched[b"key"] == b"never"  # waited label_wait_s, then set aside
+    joined = {k.decode(): int(v) for k, v in client.hgetall(keys.stats).items()}
+    assert joined == {"labels_joined": 1, "labels_unmatched": 1}

@@ -146,7 +146,7 @@ def test_malformed_and_poison_events_end_in_dead_letters(pipeline_run, redis_ser
     assert len(reasons) == 6, reasons
     assert any(r.startswith("record: not JSON") for r in reasons)
     assert "record: not a JSON object" in reasons and "no `record` field" in reasons
-    assert any(r.startswith("amount:") for r in reasons)
+    assert "amount: Input should be a valid number" in reasons
     assert "channel: not allowed" in reasons
     assert any(r.startswith("failed 3 times: ValueError") for r in reasons)
     assert len(scores(client, keys)) == len(good) - 3  # every good neighbour was scored
