@@ -28,11 +28,11 @@ from jobs.feedback import (
     FeedbackJoiner,
     feedback_pairs,
     live_quality,
-    maybe_retrain,
     run_feedback,
     score_psi,
     unmatched_stream,
 )
+from jobs.retrain import maybe_retrain
 from jobs.stream_keys import StreamKeys
 from jobs.stream_metrics import serve_metrics
 from tests.conftest import free_port, make_config, pids_mentioning
