@@ -269,7 +269,6 @@ def run_stream(
     idle_since, printed, labels = None, 0.0, coordinator.keys.labels
     try:
         while True:
-            time.sleep(1.0)
             lag = consumer_lag(coordinator.client, coordinator.keys, config.stream.group)
             coordinator.revive()
             coordinator.rescale(lag)
@@ -291,6 +290,7 @@ def run_stream(
                 break
             if seconds is not None and elapsed >= seconds:
                 break
+            time.sleep(1.0)
     except KeyboardInterrupt:
         console.print("stream: stopping (Ctrl-C); in-flight batches finish first")
     stopping.set()

@@ -11,6 +11,21 @@ import redis
 
 from jobs.stream_keys import StreamKeys
 
+LEASE_MS = 15_000  # a partition's owner renews its lease every second; a stalled one loses it
+# Take the lease if it is free, renew it if it is ours: 1; someone else holds it: 0.
+LEASE = """
+local holder = redis.call('GET', KEYS[1])
+if not holder or holder == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"""
+RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
 
 @dataclass
 class Event:

@@ -62,6 +62,10 @@ class StreamKeys:
         """The prediction of the record with this primary key, for joining its label."""
         return f"{self.prefix}:pred:{key}"
 
+    def lease(self, partition: int) -> str:
+        """Who owns a partition now (a worker id, with an expiry)."""
+        return f"{self.prefix}:lease:{partition}"
+
     def open_windows(self, partition: int) -> str:
         """Sorted set: entity -> wall-clock time of its latest event, for idle windows."""
         return f"{self.prefix}:open:{partition}"

@@ -10,10 +10,13 @@ from the pending list the old one left; `XAUTOCLAIM` takes over what other consu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import threading
 import time
+import uuid
 
 import redis
 from pydantic import ValidationError
@@ -23,7 +26,16 @@ from jobs.online import OnlineScorer
 from jobs.records import record_model
 from jobs.registry import load_bundle, resolve
 from jobs.storage import Storage, join
-from jobs.stream_events import Event, Outcome, decision, ensure_groups, parse_event
+from jobs.stream_events import (
+    LEASE,
+    LEASE_MS,
+    RELEASE,
+    Event,
+    Outcome,
+    decision,
+    ensure_groups,
+    parse_event,
+)
 from jobs.stream_keys import StreamKeys
 
 CONSUMER = "worker"
@@ -45,7 +57,10 @@ class StreamWorker:
         self._applied = threading.Event()
         self._stopping = threading.Event()
         self._checked_at = self._beat_at = self._swept_at = 0.0
-        self._pending = set(self.partitions)  # partitions whose pending list comes first
+        self._pending: set[int] = set()  # partitions whose pending list comes first
+        self.leased: set[int] = set()
+        self.owner = _owner_id()
+        self._leased_at = 0.0
         self.totals = Outcome()
         self._running = False
         self.errors = 0
@@ -65,10 +80,29 @@ class StreamWorker:
 
     def _take_assignment(self) -> None:
         if self._wanted is not None:
-            added = set(self._wanted) - set(self.partitions)
+            dropped = set(self.partitions) - set(self._wanted)
             self.partitions, self._wanted = self._wanted, None
-            self._pending |= added
+            self._release(dropped)
+            self._renew_leases()
             self._applied.set()
+
+    def _renew_leases(self) -> None:
+        """Reads only the partitions whose lease it holds: a second `rayline stream run` on
+        the same config, or an owner that stalled, cannot make two owners of one partition."""
+        pipe = self.client.pipeline(transaction=False)
+        for partition in self.partitions:
+            pipe.eval(LEASE, 1, self.keys.lease(partition), self.owner, LEASE_MS)
+        held = {p for p, ok in zip(self.partitions, pipe.execute(), strict=True) if ok}
+        self._pending |= held - self.leased  # a new owner reads what the last one left first
+        self._pending &= held
+        self.leased = held
+        self._leased_at = time.monotonic()
+
+    def _release(self, partitions) -> None:
+        for partition in partitions:
+            self.client.eval(RELEASE, 1, self.keys.lease(partition), self.owner)
+        self.leased -= set(partitions)
+        self._pending -= set(partitions)
 
     def stop(self) -> dict:
         self._stopping.set()
@@ -108,6 +142,8 @@ class StreamWorker:
         finally:
             self._running = False
             self._take_assignment()
+            with contextlib.suppress(redis.RedisError):  # the next owner need not wait
+                self._release(set(self.leased))
         return self.counters()
 
     # ------------------------------------------------------------------ model
@@ -130,7 +166,7 @@ class StreamWorker:
             return
         self._swept_at = time.monotonic()
         cutoff = time.time() - self.stream.window_idle_s
-        for partition in self.partitions:
+        for partition in sorted(self.leased):
             key = self.keys.open_windows(partition)
             idle = [e.decode() for e in self.client.zrangebyscore(key, "-inf", cutoff, 0, 1000)]
             if not idle:
@@ -159,7 +195,9 @@ class StreamWorker:
             self._load_model()
         if time.monotonic() - self._beat_at > 1.0:
             self._heartbeat()
-        if not self.partitions:
+        if time.monotonic() - self._leased_at > 1.0:
+            self._renew_leases()
+        if not self.leased:
             time.sleep(self.stream.block_ms / 1000)
             return Outcome()
         events = self._read()
@@ -183,7 +221,7 @@ class StreamWorker:
             events += [parse_event(stream, mid, f, deliveries.get(mid, 1)) for mid, f in entries]
         if events:
             return events
-        streams = {self.keys.events(p): ">" for p in self.partitions}
+        streams = {self.keys.events(p): ">" for p in sorted(self.leased)}
         replies = self.client.xreadgroup(
             group, CONSUMER, streams, count=count, block=self.stream.block_ms
         )
@@ -317,7 +355,7 @@ class StreamWorker:
                 event.reason = f"{where}: {first.get('msg', 'invalid')}"
         if len(typed) < len(events):
             invalid = [e for e in events if e.reason is not None]
-            scored, late, reasons, step = self._score(typed)
+            scored, late, reasons, step, _ = self._score(typed)
             return scored, late, reasons, step, invalid
         events = typed
         steps: list = []
@@ -361,3 +399,16 @@ class StreamWorker:
                 entry["features"] = json.dumps(matrix[row].tolist())
             scored.append((event, entry))
         return scored, sorted(late), reasons, step, []
+
+
+def _owner_id() -> str:
+    """The actor's id when it runs as a Ray actor (kept across restarts, so a restarted worker
+    takes its leases back at once), else this process."""
+    try:
+        import ray
+
+        actor = ray.get_runtime_context().get_actor_id() if ray.is_initialized() else None
+    except Exception:  # noqa: BLE001 - outside Ray
+        actor = None
+    here = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    return f"actor:{actor}" if actor else here

@@ -152,6 +152,21 @@ def test_malformed_and_poison_events_end_in_dead_letters(pipeline_run, redis_ser
     assert len(scores(client, keys)) == len(good) - 3  # every good neighbour was scored
 
 
+def test_a_batch_with_invalid_records_commits_at_once(pipeline_run, redis_server):
+    """Invalid records are set aside within the batch; the batch is not retried event by
+    event (which is for events that raise)."""
+    config, result = pipeline_run
+    config = streamed(config, redis_server.url, partitions=1, batch_size=100)
+    client, keys = redis_server.client(), StreamKeys.of(config)
+    records = [as_record(row) for row in fact_rows(config, result.run_uri).slice(0, 50).to_pylist()]
+    records[10]["amount"] = "not a number"
+    records[20]["channel"] = "fax"
+    send(client, keys, records)
+    worker = StreamWorker(config, [0], client=client)
+    outcome = worker.poll()
+    assert (outcome.scored, outcome.dead) == (48, 2) and worker.last_error == ""
+
+
 def test_a_message_that_keeps_killing_its_worker_is_dead_lettered(pipeline_run, redis_server):
     """Crashes leave a message pending; each new owner re-reads it; past max_deliveries it
     goes to the dead letters instead of taking the next worker down too."""
@@ -218,3 +233,25 @@ def test_late_events_go_to_their_stream_and_state_expires(pipeline_run, redis_se
     assert int(client.hget(keys.stats, "late")) == 1
     ttl = client.ttl(f"{keys.prefix}:state:C-LATE")
     assert 3500 < ttl <= 3600
+
+
+def test_two_workers_never_own_one_partition(pipeline_run, redis_server):
+    """A second `rayline stream run` on the same config (or a stalled owner's successor)
+    waits for the partition's lease instead of reading it too."""
+    config, result = pipeline_run
+    config = streamed(config, redis_server.url)
+    client, keys = redis_server.client(), StreamKeys.of(config)
+    rows = fact_rows(config, result.run_uri).slice(0, 300).to_pylist()
+    sent = send(client, keys, [as_record(row) for row in rows])
+    first = StreamWorker(config, [0, 1], client=client)
+    second = StreamWorker(config, [0, 1], client=redis_server.client())
+    first.poll()
+    assert second.poll().scored == 0 and second.leased == set()
+    drain(first, client, keys)
+    assert second.totals.scored == 0
+    first._release({0, 1})  # what `run` does when it stops
+    send(client, keys, [as_record(row) for row in rows[:10]])
+    drain(second, client, keys)
+    done = second.totals
+    assert second.leased == {0, 1} and done.scored + done.late == 10  # the old ones are late
+    assert len(scores(client, keys)) == len(sent) + done.scored

@@ -31,10 +31,10 @@ def test_workers_scale_with_lag_and_survive_a_killed_worker(pipeline_run, redis_
     config, result = pipeline_run
     config = streamed(
         config, redis_server.url, partitions=4, batch_size=40, min_workers=1, max_workers=2,
-        scale_up_lag=800, scale_down_lag=50, scale_down_after_s=1.0,
+        scale_up_lag=2000, scale_down_lag=50, scale_down_after_s=1.0,
     )  # fmt: skip
     client, keys = redis_server.client(), StreamKeys.of(config)
-    rows = fact_rows(config, result.run_uri).slice(0, 6000).to_pylist()
+    rows = fact_rows(config, result.run_uri).slice(0, 20000).to_pylist()
     sent = send(client, keys, [as_record(row) for row in rows])
     outcome = {}
     thread = threading.Thread(
@@ -43,7 +43,7 @@ def test_workers_scale_with_lag_and_survive_a_killed_worker(pipeline_run, redis_
     )
     thread.start()
     deadline = time.monotonic() + 120
-    while len(worker_pids(client, keys)) < 2:  # the lag (6,000) is far above scale_up_lag
+    while len(worker_pids(client, keys)) < 2:  # the lag (20,000) is far above scale_up_lag
         assert time.monotonic() < deadline, "no second worker"
         time.sleep(0.5)
     while client.xlen(keys.scores) < 1500:
