@@ -18,8 +18,6 @@ import redis
 
 from jobs.featurespec import window_start, window_value
 
-STATE_FIELDS = ("c", "s", "t", "i", "r", "k")
-
 
 @dataclass
 class EntityState:
@@ -32,31 +30,19 @@ class EntityState:
     recent: list[list] = field(default_factory=list)  # [seconds, amount], oldest first
     closed: dict[str, int] = field(default_factory=dict)  # tumbling window -> last emitted start
 
-    def encode(self) -> dict[str, str]:
-        """Redis hash fields; `repr` of a float round-trips it exactly."""
-        return {
-            "c": str(self.count),
-            "s": repr(self.total),
-            "t": "" if self.last is None else str(self.last),
-            "i": self.last_id,
-            "r": json.dumps(self.recent),
-            "k": json.dumps(self.closed),
-        }
+    def encode(self) -> str:
+        """One JSON value per entity (read for a whole batch with one MGET); JSON writes a
+        float as its `repr`, which round-trips it exactly."""
+        fields = [self.count, self.total, self.last, self.last_id, self.recent, self.closed]
+        return json.dumps(fields, separators=(",", ":"))
 
     @classmethod
-    def decode(cls, values: list) -> EntityState:
-        """From HMGET over STATE_FIELDS (all None for an entity never seen or expired)."""
-        if values[0] is None:
+    def decode(cls, value) -> EntityState:
+        """From the stored value (None for an entity never seen, or expired)."""
+        if value is None:
             return cls()
-        text = [v.decode() if isinstance(v, bytes) else v for v in values]
-        return cls(
-            count=int(text[0]),
-            total=float(text[1]),
-            last=int(text[2]) if text[2] else None,
-            last_id=text[3] or "",
-            recent=json.loads(text[4] or "[]"),
-            closed=json.loads(text[5] or "{}"),
-        )
+        count, total, last, last_id, recent, closed = json.loads(value)
+        return cls(int(count), float(total), last, str(last_id), recent, dict(closed))
 
     def copy(self) -> EntityState:
         return EntityState(
@@ -91,25 +77,16 @@ class FeatureState:
     def key(self, entity) -> str:
         return f"{self.prefix}:state:{entity}"
 
-    def read(self, entities, pipe=None) -> dict:
-        """entity -> EntityState for the distinct entities, in one round trip (or queued on
-        `pipe`, the caller's pipeline, decoded by `decode_read`)."""
+    def read(self, entities) -> dict:
+        """entity -> EntityState for the distinct entities, in one round trip (MGET)."""
         distinct = list(dict.fromkeys(e for e in entities if e is not None))
-        own = pipe is None
-        pipe = self.client.pipeline(transaction=False) if own else pipe
-        for entity in distinct:
-            pipe.hmget(self.key(entity), STATE_FIELDS)
-        return self.decode_read(distinct, pipe.execute()) if own else distinct
-
-    @staticmethod
-    def decode_read(distinct: list, replies: list) -> dict:
-        return {e: EntityState.decode(r) for e, r in zip(distinct, replies, strict=True)}
+        values = self.client.mget([self.key(e) for e in distinct]) if distinct else []
+        return {e: EntityState.decode(v) for e, v in zip(distinct, values, strict=True)}
 
     def write(self, pipe, updated: dict, closed_to: str | None = None, closed=()) -> None:
         """Queues the changed states (each with its TTL) and ended windows on `pipe`."""
         for entity, state in updated.items():
-            pipe.hset(self.key(entity), mapping=state.encode())
-            pipe.expire(self.key(entity), self.ttl)
+            pipe.set(self.key(entity), state.encode(), ex=self.ttl)
         for record in closed if closed_to else ():
             pipe.xadd(closed_to, {"window": json.dumps(record)}, maxlen=1_000_000, approximate=True)
 

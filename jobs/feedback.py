@@ -124,8 +124,8 @@ class FeedbackJoiner:
                 dead.append((message_id, fields, str(error)))
         lookup = self.client.pipeline(transaction=False)
         for _, _, key, _ in parsed:
-            lookup.hgetall(keys.prediction(key))
-        predictions = lookup.execute() if parsed else []
+            lookup.get(keys.prediction(key))
+        predictions = [json.loads(v) if v else {} for v in lookup.execute()] if parsed else []
         now = time.time()
         counts = {"labels_joined": 0, "labels_unmatched": 0, "labels_dead": len(dead)}
         tx = self.client.pipeline(transaction=True)

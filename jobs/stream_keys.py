@@ -54,12 +54,14 @@ class StreamKeys:
     def stats(self) -> str:  # counters: events, scored, dead, late, duplicates, labels_*
         return f"{self.prefix}:stats"
 
-    def done(self, stream: str, message_id: str) -> str:
-        """Marks one event as handled (score written, state applied): redeliveries skip it."""
-        return f"{self.prefix}:done:{stream.rsplit(':', 1)[-1]}:{message_id}"
+    def done(self, partition: int) -> str:
+        """Sorted set of a partition's handled events (message id -> when): a redelivered
+        event finds itself here and is only acknowledged. Trimmed after `prediction_ttl_s`."""
+        return f"{self.prefix}:done:{partition}"
 
     def prediction(self, key) -> str:
-        """The prediction of the record with this primary key, for joining its label."""
+        """The prediction of the record with this primary key (JSON: score, label, model,
+        version, at), for joining its label."""
         return f"{self.prefix}:pred:{key}"
 
     def lease(self, partition: int) -> str:

@@ -186,6 +186,9 @@ class StreamWorker:
         """Who owns what, for `rayline stream status` and for tests that kill a worker."""
         beat = {"partitions": self.partitions, "at": time.time()}
         self.client.hset(self.keys.workers, str(os.getpid()), json.dumps(beat))
+        forget = time.time() - self.stream.prediction_ttl_s
+        for partition in self.leased:  # done markers live as long as predictions
+            self.client.zremrangebyscore(self.keys.done(partition), "-inf", forget)
         self._beat_at = time.monotonic()
 
     # ------------------------------------------------------------------ reading
@@ -274,16 +277,26 @@ class StreamWorker:
                     part = self._commit([event])
                 else:  # left pending: the next read of its partition retries it
                     part = Outcome(pending=1)
-                    self._pending.add(int(event.stream.rsplit(":", 1)[-1]))
+                    self._pending.add(_partition(event.stream))
             for name in ("scored", "dead", "late", "duplicates", "pending"):
                 setattr(outcome, name, getattr(outcome, name) + getattr(part, name))
             outcome.latencies += part.latencies
         return outcome
 
     def _commit(self, events: list[Event]) -> Outcome:
-        done_keys = [self.keys.done(e.stream, e.message_id) for e in events]
-        already = self.client.mget(done_keys) if done_keys else []
-        fresh = [e for e, seen in zip(events, already, strict=True) if seen is None]
+        by_partition: dict[int, list[Event]] = {}
+        for event in events:
+            by_partition.setdefault(_partition(event.stream), []).append(event)
+        check = self.client.pipeline(transaction=False)
+        for partition, items in by_partition.items():
+            check.zmscore(self.keys.done(partition), [e.message_id for e in items])
+        seen = {
+            e.message_id
+            for items, found in zip(by_partition.values(), check.execute(), strict=True)
+            for e, when in zip(items, found, strict=True)
+            if when is not None
+        }
+        fresh = [e for e in events if e.message_id not in seen]
         valid = [e for e in fresh if e.reason is None]
         dead = [e for e in fresh if e.reason is not None]
         outcome = Outcome(duplicates=len(events) - len(fresh))
@@ -307,10 +320,11 @@ class StreamWorker:
                 self.keys.scores, entry, maxlen=self.stream.output_stream_maxlen, approximate=True
             )
             if entry["key"]:
-                pipe.hset(self.keys.prediction(entry["key"]), mapping={
-                    k: entry[k] for k in ("score", "label", "model", "version")
-                } | {"at": now})  # fmt: skip
-                pipe.expire(self.keys.prediction(entry["key"]), self.stream.prediction_ttl_s)
+                kept = {k: entry[k] for k in ("score", "label", "model", "version")}
+                pipe.set(
+                    self.keys.prediction(entry["key"]), json.dumps(kept | {"at": now}),
+                    ex=self.stream.prediction_ttl_s,
+                )  # fmt: skip
             if event.enqueued_at:
                 outcome.latencies.append(now - event.enqueued_at)
         for stream_key, items in ((self.keys.dead, dead), (self.keys.late, late_events)):
@@ -321,8 +335,8 @@ class StreamWorker:
                     "record": json.dumps(event.record, default=str),
                     "deliveries": event.deliveries,
                 }, maxlen=1_000_000, approximate=True)  # fmt: skip
-        for key in done_keys:
-            pipe.set(key, 1, ex=self.stream.prediction_ttl_s)
+        for partition, items in by_partition.items():
+            pipe.zadd(self.keys.done(partition), {e.message_id: now for e in items})
         counts = {"events": len(events), "scored": len(scored), "dead": len(dead)}
         counts |= {"late": len(late_events), "duplicates": outcome.duplicates}
         for name, value in counts.items():
@@ -412,3 +426,7 @@ def _owner_id() -> str:
         actor = None
     here = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     return f"actor:{actor}" if actor else here
+
+
+def _partition(stream: str) -> int:
+    return int(stream.rsplit(":", 1)[-1])

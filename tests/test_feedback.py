@@ -47,16 +47,12 @@ def stream_config(tmp_path, redis_url: str, **feedback):
 
 
 def predict(client, keys, key: str, score: float, version: int = 3, ttl: int = 3600) -> None:
-    """What a stream worker leaves per scored event: the prediction hash and a scores entry."""
+    """What a stream worker leaves per scored event: the prediction and a scores entry."""
     decision = int(score >= 0.5)
     now = time.time()
     tx = client.pipeline(transaction=True)
-    tx.hset(
-        keys.prediction(key),
-        mapping={"score": repr(score), "label": decision, "model": "fraud", "version": version,
-                 "at": int(now)},
-    )  # fmt: skip
-    tx.expire(keys.prediction(key), ttl)
+    kept = {"score": repr(score), "label": decision, "model": "fraud", "version": version}
+    tx.set(keys.prediction(key), json.dumps(kept | {"at": int(now)}), ex=ttl)
     tx.xadd(
         keys.scores,
         {"id": f"{int(now * 1000)}-0", "key": key, "entity": "c1", "score": repr(score),

@@ -226,6 +226,7 @@ def test_online_state_needs_a_stream_section(pipeline_run, tmp_path):
     from serving.app import build_app
 
     config, _ = pipeline_run
+    config = config.model_copy(update={"stream": None})  # configs/fraud.yaml has one
     serve_cfg = config.serve.model_copy(update={"online_state": True})
     with pytest.raises(ConfigError, match=r"serve\.online_state: .*`stream:`"):
         build_app(config.model_copy(update={"serve": serve_cfg}))
