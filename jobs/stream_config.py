@@ -65,6 +65,8 @@ class StreamConfig(Strict):
     refresh_s: float = Field(5.0, gt=0, description="how often workers follow the alias")
     output_stream_maxlen: int = Field(1_000_000, ge=1000, description="approximate cap")
     sink_every: int = Field(1000, ge=1, description="scores per storage file")
+    max_record_bytes: int = Field(65536, ge=256, description="larger records: dead letters")
+    max_future_s: int = Field(86400, ge=0, description="later event times: dead letters")
     emit_features: bool = Field(False, description="model inputs in each scores entry")
     metrics_port: int = Field(0, ge=0, le=65535, description="0: no Prometheus endpoint")
     feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)

@@ -35,6 +35,7 @@ class Event:
     reason: str | None = None  # why it cannot be scored (malformed, poison)
     enqueued_at: float | None = None
     deliveries: int = 1
+    raw: bytes | None = None  # the `record` field as it came, when it did not parse
 
 
 @dataclass
@@ -59,26 +60,57 @@ def ensure_groups(client: redis.Redis, keys: StreamKeys, group: str) -> None:
                 raise
 
 
-def parse_event(stream: str, message_id, fields: dict | None, deliveries: int = 1) -> Event:
+def parse_event(
+    stream: str, message_id, fields: dict | None, deliveries: int = 1, limit: int = 65536
+) -> Event:
     """A message as an event, or an event with the reason it is malformed."""
     message_id = message_id.decode() if isinstance(message_id, bytes) else str(message_id)
     if fields is None:
         return Event(stream, message_id, None, "message was deleted from the stream", None)
-    fields = {k.decode() if isinstance(k, bytes) else k: v for k, v in fields.items()}
+    fields = {k.decode("utf-8", "replace") if isinstance(k, bytes) else k: v
+              for k, v in fields.items()}  # fmt: skip
     enqueued = fields.get("enqueued_at")
     try:
         enqueued = float(enqueued) if enqueued is not None else None
     except ValueError:
         enqueued = None
-    if "record" not in fields:
-        return Event(stream, message_id, None, "no `record` field", enqueued, deliveries)
+    event = Event(stream, message_id, None, None, enqueued, deliveries)
+    raw = fields.get("record")
+    if raw is None:
+        event.reason = "no `record` field"
+        return event
+    event.raw = raw if isinstance(raw, bytes) else str(raw).encode()
+    if len(event.raw) > limit:
+        event.reason, event.raw = f"record: larger than {limit} bytes", event.raw[:limit]
+        return event
     try:
-        record = json.loads(fields["record"])
-    except (ValueError, UnicodeDecodeError) as error:
-        return Event(stream, message_id, None, f"record: not JSON ({error})", enqueued, deliveries)
+        record = json.loads(event.raw)
+    except RecursionError:
+        event.reason = "record: JSON nested too deeply"
+        return event
+    except ValueError as error:  # JSON errors and bad UTF-8 alike
+        event.reason = f"record: not JSON ({str(error)[:120]})"
+        return event
     if not isinstance(record, dict):
-        return Event(stream, message_id, None, "record: not a JSON object", enqueued, deliveries)
-    return Event(stream, message_id, record, None, enqueued, deliveries)
+        event.reason = "record: not a JSON object"
+        return event
+    event.record = record
+    return event
+
+
+def dead_letter(event: Event) -> dict:
+    """A dead or late event's entry: where it came from, why, and the record as it came."""
+    if event.record is not None:
+        record = json.dumps(event.record, default=str)
+    else:
+        record = (event.raw or b"").decode("utf-8", "backslashreplace")
+    return {
+        "stream": event.stream,
+        "id": event.message_id,
+        "reason": event.reason or "late: older than the customer's last event",
+        "record": record,
+        "deliveries": event.deliveries,
+    }
 
 
 def decision(score, spec, threshold) -> dict:

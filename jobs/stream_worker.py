@@ -19,11 +19,8 @@ import time
 import uuid
 
 import redis
-from pydantic import ValidationError
 
 from jobs.feature_state import FeatureState
-from jobs.online import OnlineScorer
-from jobs.records import record_model
 from jobs.registry import load_bundle, resolve
 from jobs.storage import Storage, join
 from jobs.stream_events import (
@@ -32,13 +29,18 @@ from jobs.stream_events import (
     RELEASE,
     Event,
     Outcome,
-    decision,
+    dead_letter,
     ensure_groups,
     parse_event,
 )
 from jobs.stream_keys import StreamKeys
+from jobs.stream_scoring import BatchScorer
 
 CONSUMER = "worker"
+
+
+class LostLease(Exception):
+    """Another worker owns the partition now: the batch is left to it, unacknowledged."""
 
 
 class StreamWorker:
@@ -65,7 +67,7 @@ class StreamWorker:
         self._running = False
         self.errors = 0
         self.last_error = ""
-        self.scorer: OnlineScorer | None = None
+        self.scorer = None  # jobs.online.OnlineScorer of the bundle being followed
         self._load_model()
 
     # ------------------------------------------------------------------ control
@@ -134,9 +136,12 @@ class StreamWorker:
                 try:
                     self.poll()
                     backoff = 0.1
-                except (redis.ConnectionError, redis.TimeoutError) as error:
+                except LostLease:
+                    self._leased_at = 0.0  # find out what it still owns before reading more
+                except Exception as error:  # noqa: BLE001 - the loop must outlive any batch
                     self.errors += 1
-                    self.last_error = f"broker unreachable: {error}"
+                    broker = isinstance(error, redis.RedisError)
+                    self.last_error = f"{'broker' if broker else type(error).__name__}: {error}"
                     time.sleep(backoff)
                     backoff = min(backoff * 2, 2.0)
         finally:
@@ -152,11 +157,11 @@ class StreamWorker:
         version = resolve(self.storage, self.registry_uri, self.config.name, self.stream.alias)
         if self.scorer is None or self.scorer.bundle.version != version:
             bundle = load_bundle(self.storage, self.registry_uri, self.config.name, version)
-            self.scorer = OnlineScorer(bundle)
             features = bundle.spec.features  # the model's windows, not the config's
             self.state = FeatureState(self.client, self.keys.prefix, features, self.stream)
+            self.batch = BatchScorer(bundle, self.state, self.stream)
+            self.scorer = self.batch.scorer
             self.windows = any(w.kind == "tumbling" for w in features.windows.values())
-            self._record_model = record_model(bundle.spec)
         self._checked_at = time.monotonic()
 
     def close_idle_windows(self) -> None:
@@ -214,14 +219,21 @@ class StreamWorker:
         events = []
         for partition in sorted(self._pending):
             stream = self.keys.events(partition)
-            replies = self.client.xreadgroup(group, CONSUMER, {stream: "0"}, count=count)
-            entries = replies[0][1] if replies else []
-            if not entries:
+            waiting = self.client.xpending_range(
+                stream, group, "-", "+", count, consumername=CONSUMER
+            )
+            if not waiting:
                 self._pending.discard(partition)
                 self._claim(stream)
                 continue
-            deliveries = self._deliveries(stream, entries)
-            events += [parse_event(stream, mid, f, deliveries.get(mid, 1)) for mid, f in entries]
+            # Read again once already, still not acknowledged: one at a time, so the event
+            # that keeps killing its worker is the only one whose deliveries add up.
+            size = 1 if any(row["times_delivered"] >= 2 for row in waiting) else count
+            replies = self.client.xreadgroup(group, CONSUMER, {stream: "0"}, count=size)
+            times = {row["message_id"]: row["times_delivered"] + 1 for row in waiting}
+            limit = self.stream.max_record_bytes
+            for mid, fields in replies[0][1] if replies else []:
+                events.append(parse_event(stream, mid, fields, times.get(mid, 2), limit))
         if events:
             return events
         streams = {self.keys.events(p): ">" for p in sorted(self.leased)}
@@ -230,15 +242,9 @@ class StreamWorker:
         )
         for stream, entries in replies or []:
             stream = stream.decode() if isinstance(stream, bytes) else stream
-            events += [parse_event(stream, mid, f) for mid, f in entries]
+            limit = self.stream.max_record_bytes
+            events += [parse_event(stream, mid, f, 1, limit) for mid, f in entries]
         return events
-
-    def _deliveries(self, stream: str, entries: list) -> dict:
-        ids = [mid for mid, _ in entries]
-        rows = self.client.xpending_range(
-            stream, self.stream.group, min=ids[0], max=ids[-1], count=len(ids) * 2
-        )
-        return {row["message_id"]: row["times_delivered"] for row in rows}
 
     def _claim(self, stream: str) -> None:
         """Takes over messages other consumers left idle; they come back as pending."""
@@ -251,168 +257,121 @@ class StreamWorker:
 
     # ------------------------------------------------------------------ handling
     def handle(self, events: list[Event]) -> Outcome:
-        """Scores a batch and commits it; a batch that fails is retried event by event, so
-        one poison event ends in the dead letters and its neighbours are scored."""
+        """Scores a batch and commits it; a batch that raises is retried event by event, so
+        one poison event ends in the dead letters and its neighbours are scored. A customer's
+        later events wait behind its failed one (they would otherwise overtake it)."""
         limit = self.stream.max_deliveries
         for event in events:
             if event.reason is None and event.deliveries > limit:
                 event.reason = f"delivered {event.deliveries} times without being handled"
         try:
             return self._commit(events)
-        except (redis.ConnectionError, redis.TimeoutError):
-            raise
+        except (redis.RedisError, LostLease):
+            raise  # the whole batch comes back: nothing was written
         except Exception as error:  # noqa: BLE001 - isolate the event that fails
             self.last_error = f"{type(error).__name__}: {error}"
-        outcome = Outcome()
+        outcome, failed = Outcome(), set()
         for event in events:
+            entity = str(self.batch.entity(event))
             try:
-                part = self._commit([event])
-            except (redis.ConnectionError, redis.TimeoutError):
+                part = Outcome(pending=1) if entity in failed else self._commit([event])
+            except (redis.RedisError, LostLease):
                 raise
             except Exception as error:  # noqa: BLE001
-                if event.deliveries >= limit:
-                    event.reason = (
-                        f"failed {event.deliveries} times: {type(error).__name__}: {error}"
-                    )
-                    part = self._commit([event])
-                else:  # left pending: the next read of its partition retries it
+                if event.deliveries < limit:
                     part = Outcome(pending=1)
-                    self._pending.add(_partition(event.stream))
+                    failed.add(entity)
+                else:
+                    failure = f"{type(error).__name__}: {error}"
+                    event.reason = f"failed {event.deliveries} times: {failure}"
+                    part = self._commit([event])
+            if part.pending:  # left pending: the next read of its partition retries it
+                self._pending.add(_partition(event.stream))
             for name in ("scored", "dead", "late", "duplicates", "pending"):
                 setattr(outcome, name, getattr(outcome, name) + getattr(part, name))
             outcome.latencies += part.latencies
         return outcome
 
     def _commit(self, events: list[Event]) -> Outcome:
+        """Scores and writes a batch in one transaction that only commits while this worker
+        still holds the partitions' leases and nobody else marked these events done."""
         by_partition: dict[int, list[Event]] = {}
         for event in events:
             by_partition.setdefault(_partition(event.stream), []).append(event)
-        check = self.client.pipeline(transaction=False)
-        for partition, items in by_partition.items():
-            check.zmscore(self.keys.done(partition), [e.message_id for e in items])
-        seen = {
-            e.message_id
-            for items, found in zip(by_partition.values(), check.execute(), strict=True)
-            for e, when in zip(items, found, strict=True)
-            if when is not None
-        }
-        fresh = [e for e in events if e.message_id not in seen]
-        valid = [e for e in fresh if e.reason is None]
-        dead = [e for e in fresh if e.reason is not None]
-        outcome = Outcome(duplicates=len(events) - len(fresh))
-        scored, late, reasons, step, invalid = self._score(valid)
-        dead += invalid
-        valid = [e for e in valid if e.reason is None]
-        for event, reason in zip(valid, reasons, strict=True):
-            if reason is not None:
-                event.reason = reason
-                dead.append(event)
-        late_events = [valid[i] for i in late]
-        pipe = self.client.pipeline(transaction=True)
-        now = time.time()
-        if step is not None:
-            self.state.write(pipe, step.updated, self.keys.windows, step.closed)
-            for entity in step.updated if self.windows else ():
-                partition = self.keys.partition(entity)
-                pipe.zadd(self.keys.open_windows(partition), {str(entity): now})
-        for event, entry in scored:
-            pipe.xadd(
-                self.keys.scores, entry, maxlen=self.stream.output_stream_maxlen, approximate=True
-            )
-            if entry["key"]:
-                kept = {k: entry[k] for k in ("score", "label", "model", "version")}
-                pipe.set(
-                    self.keys.prediction(entry["key"]), json.dumps(kept | {"at": now}),
-                    ex=self.stream.prediction_ttl_s,
+        with self.client.pipeline(transaction=True) as pipe:
+            leases = [self.keys.lease(p) for p in by_partition]
+            pipe.watch(*leases, *[self.keys.done(p) for p in by_partition])
+            if any(pipe.get(lease) != self.owner.encode() for lease in leases):
+                raise LostLease
+            fresh, duplicates = self._fresh(pipe, by_partition)
+            outcome = Outcome(duplicates=duplicates)
+            dead = [e for e in fresh if e.reason is not None]
+            batch = self.batch.score([e for e in fresh if e.reason is None])
+            dead += batch.dead
+            now = time.time()
+            pipe.multi()
+            if batch.step is not None:
+                step = batch.step
+                self.state.write(pipe, step.updated, self.keys.windows, step.closed)
+                for entity in step.updated if self.windows else ():
+                    partition = self.keys.partition(entity)
+                    pipe.zadd(self.keys.open_windows(partition), {str(entity): now})
+            for event, entry in batch.entries:
+                pipe.xadd(
+                    self.keys.scores, entry, maxlen=self.stream.output_stream_maxlen,
+                    approximate=True,
                 )  # fmt: skip
-            if event.enqueued_at:
-                outcome.latencies.append(now - event.enqueued_at)
-        for stream_key, items in ((self.keys.dead, dead), (self.keys.late, late_events)):
-            for event in items:
-                pipe.xadd(stream_key, {
-                    "stream": event.stream, "id": event.message_id,
-                    "reason": event.reason or "late: older than the entity's last event",
-                    "record": json.dumps(event.record, default=str),
-                    "deliveries": event.deliveries,
-                }, maxlen=1_000_000, approximate=True)  # fmt: skip
-        for partition, items in by_partition.items():
-            pipe.zadd(self.keys.done(partition), {e.message_id: now for e in items})
-        counts = {"events": len(events), "scored": len(scored), "dead": len(dead)}
-        counts |= {"late": len(late_events), "duplicates": outcome.duplicates}
-        for name, value in counts.items():
-            if value:
-                pipe.hincrby(self.keys.stats, name, value)
-        by_stream: dict[str, list[str]] = {}
-        for event in events:
-            by_stream.setdefault(event.stream, []).append(event.message_id)
-        for stream_key, ids in by_stream.items():
-            pipe.xack(stream_key, self.stream.group, *ids)
-        pipe.execute()
-        outcome.scored, outcome.dead, outcome.late = len(scored), len(dead), len(late_events)
+                if entry["key"]:
+                    kept = {k: entry[k] for k in ("score", "label", "model", "version")}
+                    pipe.set(
+                        self.keys.prediction(entry["key"]), json.dumps(kept | {"at": now}),
+                        ex=self.stream.prediction_ttl_s,
+                    )  # fmt: skip
+                if event.enqueued_at:
+                    outcome.latencies.append(now - event.enqueued_at)
+            for stream_key, items in ((self.keys.dead, dead), (self.keys.late, batch.late)):
+                for event in items:
+                    pipe.xadd(stream_key, dead_letter(event), maxlen=1_000_000, approximate=True)
+            for partition, items in by_partition.items():
+                pipe.zadd(self.keys.done(partition), {e.message_id: now for e in items})
+            counts = {"events": len(events), "scored": len(batch.entries), "dead": len(dead)}
+            counts |= {"late": len(batch.late), "duplicates": duplicates}
+            for name, value in counts.items():
+                if value:
+                    pipe.hincrby(self.keys.stats, name, value)
+            for partition, items in by_partition.items():
+                pipe.xack(self.keys.events(partition), self.stream.group,
+                          *[e.message_id for e in items])  # fmt: skip
+            try:
+                pipe.execute()
+            except redis.WatchError:
+                raise LostLease from None
+        outcome.scored, outcome.dead, outcome.late = len(batch.entries), len(dead), len(batch.late)
         for name in ("scored", "dead", "late", "duplicates"):
             setattr(self.totals, name, getattr(self.totals, name) + getattr(outcome, name))
         return outcome
 
-    def _score(self, events: list[Event]):
-        """(event, score entry) for scored events, late row indexes, per-row reasons, step."""
-        if not events:
-            return [], [], [], None, []
-        scorer = self.scorer
-        records, typed = [], []
-        for event in events:  # the HTTP endpoint's record contract: types, names, UTC
-            try:
-                records.append(self._record_model.model_validate(event.record).model_dump())
-                typed.append(event)
-            except ValidationError as error:
-                first = error.errors()[0]
-                where = ".".join(str(part) for part in first.get("loc", ())) or "record"
-                event.reason = f"{where}: {first.get('msg', 'invalid')}"
-        if len(typed) < len(events):
-            invalid = [e for e in events if e.reason is not None]
-            scored, late, reasons, step, _ = self._score(typed)
-            return scored, late, reasons, step, invalid
-        events = typed
-        steps: list = []
-
-        def prior(entities, amounts, seconds, null_time, reasons):
-            usable = [r is None and not t for r, t in zip(reasons, null_time, strict=True)]
-            states = self.state.read(entities)
-            ids = [f"{e.stream}/{e.message_id}" for e in events]
-            seconds = [None if t else int(s) for s, t in zip(seconds, null_time, strict=True)]
-            step = self.state.step(states, entities, amounts, seconds, ids, usable, advance=True)
-            steps[:] = [step]
-            return {"count": step.count, "total": step.total, "last": step.last,
-                    "windows": step.windows}  # fmt: skip
-
-        history = scorer.spec.features.history is not None
-        matrix, reasons = scorer.features(records, state=prior if history else None)
-        scores = scorer.scores_for(matrix, reasons)
-        step = steps[0] if steps else None
-        late = set(step.late) if step else set()
-        bundle, spec = scorer.bundle, scorer.spec
-        key_column = spec.source.primary_key
-        entity_column = spec.features.history.entity if history else None
-        scored = []
-        for row, event in enumerate(events):
-            if reasons[row] is not None or row in late:
-                continue
-            score = scores[row]
-            entry = {
-                "id": event.message_id,
-                "stream": event.stream,
-                "key": "" if not key_column else str(event.record.get(key_column, "")),
-                "entity": "" if not entity_column else str(event.record.get(entity_column)),
-                "model": bundle.name,
-                "version": bundle.version,
-                "event_time": str(event.record.get(spec.features.timestamp or "", "")),
-                "scored_at": time.time(),
-                "enqueued_at": event.enqueued_at or "",
-            }
-            entry |= decision(score, spec, bundle.threshold)
-            if self.stream.emit_features:  # float32 values, exact in JSON
-                entry["features"] = json.dumps(matrix[row].tolist())
-            scored.append((event, entry))
-        return scored, sorted(late), reasons, step, []
+    def _fresh(self, pipe, by_partition: dict) -> tuple[list[Event], int]:
+        """Events neither handled before (by message id) nor already scored under the same
+        primary key (a record sent twice), and how many were left out."""
+        seen = set()
+        for partition, items in by_partition.items():
+            found = pipe.zmscore(self.keys.done(partition), [e.message_id for e in items])
+            seen |= {e.message_id for e, when in zip(items, found, strict=True) if when}
+        events = [e for items in by_partition.values() for e in items]
+        key_column = self.batch.key_column
+        keyed = {}
+        for event in events:
+            if key_column and isinstance(event.record, dict) and event.reason is None:
+                key = event.record.get(key_column)
+                if isinstance(key, str | int) and not isinstance(key, bool):
+                    keyed.setdefault(str(key), []).append(event)
+        if keyed:
+            scored = pipe.mget([self.keys.prediction(k) for k in keyed])
+            for items, before in zip(keyed.values(), scored, strict=True):
+                seen |= {e.message_id for e in (items if before else items[1:])}
+        fresh = [e for e in events if e.message_id not in seen]
+        return fresh, len(events) - len(fresh)
 
 
 def _owner_id() -> str:

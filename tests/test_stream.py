@@ -22,7 +22,7 @@ from jobs.storage import Storage, join
 from jobs.stream import consumer_lag, flush_scores
 from jobs.stream_config import StreamConfig
 from jobs.stream_keys import StreamKeys
-from jobs.stream_worker import StreamWorker
+from jobs.stream_worker import LostLease, StreamWorker
 
 pytestmark = pytest.mark.slow
 
@@ -128,28 +128,39 @@ def test_malformed_and_poison_events_end_in_dead_letters(pipeline_run, redis_ser
     client.xadd(stream, {"other": "field"})
     client.xadd(stream, {"record": json.dumps({**good[0], "amount": "12.5"})})  # a string
     client.xadd(stream, {"record": json.dumps({**good[1], "channel": "fax"})})  # a rule
+    client.xadd(stream, {"record": "[" * 20_000 + "]" * 20_000})  # nested too deeply
+    client.xadd(stream, {"record": json.dumps({**good[4], "channel": "x" * 70_000})})
+    future = {**good[5], "timestamp": "2999-01-01T00:00:00"}
+    client.xadd(stream, {"record": json.dumps(future)})
+    client.xadd(stream, {"record": b'{"transaction_id": "\xff\xfe"}'})  # not UTF-8
     # A poison key: its stored state is corrupt, so every attempt to score it fails.
     poison = {**good[2], "customer_id": "C-POISON"}
     client.set(f"{keys.prefix}:state:C-POISON", "[corrupt")
     client.xadd(stream, {"record": json.dumps(poison)})
-    send(client, keys, good[3:])
+    send(client, keys, good[6:])
+    send(client, keys, good[6:8])  # sent twice: same transaction ids, new messages
     for _ in range(10):
         worker.poll()
         if consumer_lag(client, keys, "rayline") == 0:
             break
     assert consumer_lag(client, keys, "rayline") == 0, "the poison event blocked the stream"
     dead = {
-        fields[b"reason"].decode(): json.loads(fields[b"record"])
+        fields[b"reason"].decode(): fields[b"record"].decode()
         for _, fields in client.xrange(keys.dead)
     }
+    assert dead["record: not a JSON object"] == "[1, 2]"  # the record as it came
     reasons = sorted(dead)
-    assert len(reasons) == 6, reasons
-    assert any(r.startswith("record: not JSON") for r in reasons)
+    assert len(reasons) == 10, "\n".join(reasons)
+    assert "record: JSON nested too deeply" in reasons
+    assert "record: larger than 65536 bytes" in reasons
+    assert "timestamp: more than 86400 s in the future" in reasons
+    assert sum(r.startswith("record: not JSON") for r in reasons) == 2
     assert "record: not a JSON object" in reasons and "no `record` field" in reasons
     assert "amount: Input should be a valid number" in reasons
     assert "channel: not allowed" in reasons
     assert any(r.startswith("failed 3 times: JSONDecodeError") for r in reasons)
-    assert len(scores(client, keys)) == len(good) - 3  # every good neighbour was scored
+    assert len(scores(client, keys)) == len(good) - 6  # every good neighbour, once
+    assert int(client.hget(keys.stats, "duplicates")) == 2
 
 
 def test_a_batch_with_invalid_records_commits_at_once(pipeline_run, redis_server):
@@ -252,6 +263,38 @@ def test_two_workers_never_own_one_partition(pipeline_run, redis_server):
     first._release({0, 1})  # what `run` does when it stops
     send(client, keys, [as_record(row) for row in rows[:10]])
     drain(second, client, keys)
-    done = second.totals
-    assert second.leased == {0, 1} and done.scored + done.late == 10  # the old ones are late
-    assert len(scores(client, keys)) == len(sent) + done.scored
+    assert second.leased == {0, 1} and second.totals.duplicates == 10  # scored: same keys
+    assert len(scores(client, keys)) == len(sent)
+
+
+def test_a_worker_that_lost_its_lease_writes_nothing(pipeline_run, redis_server):
+    """An owner that stalled past its lease finds out at commit: the transaction does not
+    run, and the events stay pending for the partition's new owner."""
+    config, result = pipeline_run
+    config = streamed(config, redis_server.url, partitions=1)
+    client, keys = redis_server.client(), StreamKeys.of(config)
+    worker = StreamWorker(config, [0], client=client)
+    worker._renew_leases()
+    rows = fact_rows(config, result.run_uri).slice(0, 20).to_pylist()
+    send(client, keys, [as_record(row) for row in rows])
+    events = worker._read()
+    client.set(keys.lease(0), "another-worker")  # the lease expired and was taken
+    with pytest.raises(LostLease):
+        worker.handle(events)
+    assert client.xlen(keys.scores) == 0 and client.get(keys.stats) is None
+    assert client.xpending(keys.events(0), "rayline")["pending"] == len(rows)
+
+
+def test_events_that_were_in_a_crashing_batch_are_not_dead_lettered(pipeline_run, redis_server):
+    """Two owners died with the whole batch pending: the next one takes the pending events
+    one at a time, so only an event that itself keeps failing could use up its deliveries."""
+    config, result = pipeline_run
+    config = streamed(config, redis_server.url, partitions=1, max_deliveries=3)
+    client, keys = redis_server.client(), StreamKeys.of(config)
+    rows = fact_rows(config, result.run_uri).slice(0, 30).to_pylist()
+    worker = StreamWorker(config, [0], client=client)
+    send(client, keys, [as_record(row) for row in rows])
+    client.xreadgroup("rayline", "worker", {keys.events(0): ">"}, count=100)
+    client.xreadgroup("rayline", "worker", {keys.events(0): "0"}, count=100)
+    drain(worker, client, keys)
+    assert client.xlen(keys.dead) == 0 and client.xlen(keys.scores) == len(rows)
