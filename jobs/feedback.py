@@ -14,12 +14,14 @@ Counters `labels_joined`, `labels_unmatched`, `labels_dead` go to the hash `keys
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import numpy as np
 import redis
 
 from jobs.retrain import maybe_retrain, text
+from jobs.stream_events import LEASE, LEASE_MS
 from jobs.stream_keys import StreamKeys
 
 GROUP = "feedback"
@@ -92,6 +94,8 @@ class FeedbackJoiner:
             raise ValueError("field 'record' is missing (message deleted or not a label)")
         try:
             record = json.loads(fields["record"])
+        except RecursionError:
+            raise ValueError("field 'record' is JSON nested too deeply") from None
         except json.JSONDecodeError as error:
             raise ValueError(f"field 'record' is not JSON: {error}") from None
         if not isinstance(record, dict):
@@ -248,15 +252,16 @@ def score_psi(
     reference: dict | None,
     window: int,
     version: str | None = None,
+    minimum: int = 1,
 ) -> float | None:
     """PSI (jobs.drift) of the latest scores against a bundle's `reference.json` score bins;
-    None without a score reference or without scores."""
+    None without a score reference or with fewer than `minimum` scores."""
     from jobs.drift import psi
 
     if not reference or not reference.get("score"):
         return None
     scores = latest_scores(client, keys, window, version)
-    return psi(reference["score"], scores) if scores.size else None
+    return psi(reference["score"], scores) if scores.size >= max(minimum, 1) else None
 
 
 def production_reference(config) -> tuple[str, str, dict | None]:
@@ -286,8 +291,13 @@ def run_feedback(
     joiner = FeedbackJoiner(config, client)
     loader = reference_loader or (lambda: production_reference(config))
     next_check, said = 0.0, None
+    owner = f"feedback:{os.getpid()}:{id(joiner)}"
     while not (stop and stop()):
         try:
+            # One joiner per config: a second `stream run` waits for the lease.
+            if not client.eval(LEASE, 1, keys.lease("feedback"), owner, LEASE_MS):
+                time.sleep(block_ms / 1000)
+                continue
             joiner.poll(block_ms)
             if time.monotonic() < next_check:
                 continue
@@ -303,9 +313,17 @@ def run_feedback(
             pairs = feedback_pairs(client, keys, feedback.window)
             pairs = [p for p in pairs if version is None or str(p.get("version")) == version]
             quality = live_quality(None, None, config.task, pairs=pairs)
-            drift = score_psi(client, keys, reference, feedback.window, version)
+            drift = score_psi(
+                client, keys, reference, feedback.window, version, feedback.min_labels
+            )
             maybe_retrain(config, quality, drift, client, root, config_path)
         except redis.ConnectionError as error:  # broker restart: resume from the pending list
             print(f"feedback: Redis unavailable ({error}); retrying in 1 s")
             joiner._cursor = "0"
+            time.sleep(1.0)
+        except Exception as error:  # noqa: BLE001 - the loop outlives any one batch
+            message = f"feedback: {type(error).__name__}: {error}"
+            if message != said:
+                print(message)
+                said = message
             time.sleep(1.0)

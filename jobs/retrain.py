@@ -24,7 +24,7 @@ EXCLUDES = ["data/", "artifacts/", ".venv/", "*.parquet", ".git/"]  # not upload
 
 
 def text(value) -> str:  # Redis replies as text, whether or not the client decodes them
-    return value.decode() if isinstance(value, bytes) else str(value)
+    return value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else str(value)
 
 
 def retrain_reasons(config, quality: dict, psi: float | None) -> list[str]:

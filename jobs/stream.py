@@ -24,7 +24,7 @@ from jobs.entrypoint import run_cli
 from jobs.errors import ConfigError, StreamError
 from jobs.replay import replay_command
 from jobs.storage import Storage, join
-from jobs.stream_events import ensure_groups
+from jobs.stream_events import ensure_groups, undelivered
 from jobs.stream_keys import StreamKeys
 from jobs.stream_worker import StreamWorker
 from jobs.summary import console
@@ -60,23 +60,23 @@ def consumer_lag(client: redis.Redis, keys: StreamKeys, group: str, streams=None
             name = info["name"].decode() if isinstance(info["name"], bytes) else info["name"]
             if name != group:
                 continue
-            lag = info.get("lag")
-            if lag is None:  # Redis cannot tell (after a restart or a trim): count them
-                last = info["last-delivered-id"]
-                last = last.decode() if isinstance(last, bytes) else last
-                lag = len(client.xrange(stream, min=f"({last}", count=1_000_000))
-            total += int(lag) + int(info.get("pending") or 0)
+            total += undelivered(client, stream, info) + int(info.get("pending") or 0)
     return total
 
 
+def scores_folder(config) -> str:
+    """`<storage>/stream/<key prefix>/scores/`: streams with other prefixes do not mix."""
+    return join(config.storage, "stream", StreamKeys.of(config).prefix.replace(":", "-"), "scores")
+
+
 def flush_scores(config, client: redis.Redis, storage: Storage) -> int:
-    """Copies new scores to `<storage>/stream/scores/<first id>.parquet`; returns files.
+    """Copies new scores to `scores_folder/<first id>.parquet`; returns the files written.
 
     Idempotent: a chunk is named by its first entry and the cursor moves only after the
     write, so a crash in between rewrites the same file (a superset) instead of a duplicate.
     """
     keys, files = StreamKeys.of(config), 0
-    folder = join(config.storage, "stream", "scores")
+    folder = scores_folder(config)
     while True:
         cursor = client.get(keys.sink_cursor)
         start = "-" if cursor is None else f"({cursor.decode()}"
@@ -181,7 +181,7 @@ class Coordinator:
             index = self.runs.index(ref)
             try:
                 self._collect(ray.get(ref))
-            except ray.exceptions.RayActorError as error:
+            except Exception as error:  # noqa: BLE001 - a lost process or a bug: a new loop
                 self.result.scale_events.append(f"worker {index} lost: {type(error).__name__}")
             _when_available(self.workers[index].counters)  # back (restarted) before its loop
             self.runs[index] = self.workers[index].run.remote()
@@ -254,7 +254,10 @@ def run_stream(
     coordinator = Coordinator(config)
     storage = Storage(config.s3)
     started = time.monotonic()
-    metrics = serve_metrics(config, connect(config.stream.redis_url))
+    try:
+        metrics = serve_metrics(config, connect(config.stream.redis_url))
+    except OSError as error:
+        raise StreamError(f"stream.metrics_port {config.stream.metrics_port}: {error}") from None
     stopping = threading.Event()
     feedback = None
     if config_path is not None:
@@ -300,10 +303,9 @@ def run_stream(
     if metrics is not None:
         metrics.shutdown()
     result.score_files += flush_scores(config, coordinator.client, storage)
-    stats = {
-        k.decode(): int(v) for k, v in coordinator.client.hgetall(coordinator.keys.stats).items()
-    }
-    result.events = stats.get("events", 0)
+    stats = stream_stats(coordinator.client, coordinator.keys)  # lost workers' counts too
+    for name in ("events", "scored", "dead", "late", "duplicates"):
+        setattr(result, name, stats.get(name, 0))
     result.seconds = round(time.monotonic() - started, 2)
     return result
 
@@ -335,6 +337,9 @@ def run_command(
 ) -> None:
     """Runs the stream workers until stopped."""
     loaded = _stream_config(config)
+    for name, value in (("--seconds", seconds), ("--until-idle", until_idle)):
+        if value is not None and not value >= 0:
+            raise ConfigError(f"{name} must be a number of seconds >= 0, not {value}")
     result = run_stream(
         loaded, seconds=seconds, until_idle=until_idle, config_path=config, root=os.getcwd()
     )
@@ -342,7 +347,9 @@ def run_command(
     console.print("stream: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
 
 
-def bootstrap_state(config, run_uri: str | None = None, exclude_split: str | None = None) -> dict:
+def bootstrap_state(
+    config, run_uri: str | None = None, exclude_split: str | None = None, force: bool = False
+) -> dict:
     """Loads the online state from a run's ingested fact rows (default: the run of the model
     the stream scores with), leaving out one split's rows when asked (a replay of them
     then starts where the batch features did)."""
@@ -366,6 +373,12 @@ def bootstrap_state(config, run_uri: str | None = None, exclude_split: str | Non
         keep = pc.invert(pc.is_in(table.column(key), value_set=held.column(key)))
         table = table.filter(keep)
     client = connect(config.stream.redis_url)
+    applied = stream_stats(client, StreamKeys.of(config)).get("events", 0)
+    if applied and not force:
+        raise StreamError(
+            f"the stream has already applied {applied:,} events to this state: a bootstrap "
+            "would roll those customers back (--force to overwrite anyway)"
+        )
     state = FeatureState(client, StreamKeys.of(config).prefix, bundle.spec.features, config.stream)
     started = time.perf_counter()
     events = bootstrap(state, table, bundle.spec.features, key)
@@ -379,10 +392,11 @@ def bootstrap_command(
     exclude_split: Annotated[
         str | None, typer.Option(help="leave out this split's rows (test: replay them later)")
     ] = None,
+    force: Annotated[bool, typer.Option(help="overwrite a state the stream has moved")] = False,
 ) -> None:
     """Loads the online feature state from a pipeline run's events."""
     loaded = _stream_config(config)
-    done = bootstrap_state(loaded, run, exclude_split)
+    done = bootstrap_state(loaded, run, exclude_split, force)
     console.print(
         f"online state: {done['events']:,} events of {done['run']} applied in {done['seconds']} s"
     )

@@ -121,3 +121,13 @@ def decision(score, spec, threshold) -> dict:
         best = int(np.argmax(score))
         return {"score": json.dumps([float(p) for p in score]), "label": spec.classes[best]}
     return {"score": repr(float(score)), "label": ""}
+
+
+def undelivered(client: redis.Redis, stream: str, info: dict) -> int:
+    """XINFO GROUPS' `lag` of one group, counted from its last delivered id where Redis
+    cannot tell (after a restart or a trim it reports none)."""
+    if info.get("lag") is not None:
+        return int(info["lag"])
+    last = info["last-delivered-id"]
+    last = last.decode() if isinstance(last, bytes) else last
+    return len(client.xrange(stream, min=f"({last}", count=1_000_000))

@@ -25,6 +25,7 @@ from jobs.feedback import (
     score_psi,
     text,
 )
+from jobs.stream_events import undelivered
 from jobs.stream_keys import StreamKeys
 
 PREFIX = "rayline_stream_"
@@ -95,8 +96,7 @@ class StreamCollector(Collector):
             for info in self._groups(name):
                 if text(info.get("name", "")) != group:
                     continue
-                if info.get("lag") is not None:
-                    lag.add_metric([partition, group], float(info["lag"]))
+                lag.add_metric([partition, group], float(undelivered(self.client, name, info)))
                 pending.add_metric([partition, group], float(info.get("pending") or 0))
         yield lag
         yield pending

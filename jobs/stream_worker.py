@@ -50,7 +50,9 @@ class StreamWorker:
     def __init__(self, config, partitions: list[int] | None = None, client=None):
         self.config, self.stream = config, config.stream
         self.keys = StreamKeys.of(config)
-        self.client = client or redis.Redis.from_url(self.stream.redis_url)
+        self.client = client or redis.Redis.from_url(
+            self.stream.redis_url, socket_timeout=30, socket_connect_timeout=10
+        )  # a broker that stops answering is an error, not a hang
         ensure_groups(self.client, self.keys, self.stream.group)
         self.storage = Storage(config.s3)
         self.registry_uri = join(config.storage, "registry")

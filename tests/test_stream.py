@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import uuid
 from datetime import datetime
 
 import numpy as np
@@ -19,7 +20,7 @@ from jobs.featurespec import feature_matrix, transform
 from jobs.registry import load_bundle
 from jobs.scoring import model_scores
 from jobs.storage import Storage, join
-from jobs.stream import consumer_lag, flush_scores
+from jobs.stream import consumer_lag, flush_scores, scores_folder
 from jobs.stream_config import StreamConfig
 from jobs.stream_keys import StreamKeys
 from jobs.stream_worker import LostLease, StreamWorker
@@ -28,7 +29,9 @@ pytestmark = pytest.mark.slow
 
 
 def streamed(config, redis_url: str, **stream):
+    """The config with its own stream (a prefix of its own: the storage is shared)."""
     values = {"redis_url": redis_url, "partitions": 2, "batch_size": 64, "block_ms": 20}
+    values["prefix"] = f"rayline:test-{uuid.uuid4().hex[:8]}"
     return config.model_copy(update={"stream": StreamConfig(**(values | stream))})
 
 
@@ -108,11 +111,15 @@ def test_replayed_test_split_gets_the_batch_features_and_scores_exactly(pipeline
     client, storage = redis_server.client(), Storage(config.s3)
     out = assert_replay_matches_batch(config, result, client)
     files = flush_scores(config, client, storage)
-    stored = storage.read_table_dir(join(config.storage, "stream", "scores"))
+    stored = storage.read_table_dir(scores_folder(config))
     assert files >= 1 and sorted(stored.column("message_id").to_pylist()) == sorted(
         e["id"] for e in out
     )
     assert flush_scores(config, client, storage) == 0  # nothing new: no duplicate file
+    client.delete(StreamKeys.of(config).sink_cursor)  # a crash after a write, before the cursor
+    flush_scores(config, client, storage)
+    again = storage.read_table_dir(scores_folder(config))
+    assert sorted(again.column("message_id").to_pylist()) == sorted(e["id"] for e in out)
 
 
 def test_malformed_and_poison_events_end_in_dead_letters(pipeline_run, redis_server):

@@ -10,9 +10,11 @@ import threading
 import time
 
 import pytest
+import requests
 
 from jobs.stream import run_stream
 from jobs.stream_keys import StreamKeys
+from tests.conftest import free_port
 from tests.test_stream import as_record, fact_rows, scores, send, streamed
 
 pytestmark = pytest.mark.slow
@@ -31,7 +33,7 @@ def test_workers_scale_with_lag_and_survive_a_killed_worker(pipeline_run, redis_
     config, result = pipeline_run
     config = streamed(
         config, redis_server.url, partitions=4, batch_size=40, min_workers=1, max_workers=2,
-        scale_up_lag=2000, scale_down_lag=50, scale_down_after_s=1.0,
+        scale_up_lag=2000, scale_down_lag=50, scale_down_after_s=1.0, metrics_port=free_port(),
     )  # fmt: skip
     client, keys = redis_server.client(), StreamKeys.of(config)
     rows = fact_rows(config, result.run_uri).slice(0, 20000).to_pylist()
@@ -49,6 +51,10 @@ def test_workers_scale_with_lag_and_survive_a_killed_worker(pipeline_run, redis_
     while client.xlen(keys.scores) < 1500:
         assert time.monotonic() < deadline, "nothing scored"
         time.sleep(0.2)
+    port = config.stream.metrics_port  # the stream's Prometheus endpoint, while it runs
+    metrics = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    assert 'rayline_stream_consumer_lag{group="rayline",partition="0"}' in metrics
+    assert "rayline_stream_scored_total" in metrics
     os.kill(worker_pids(client, keys)[0], signal.SIGKILL)  # mid-batch: batches follow one another
     thread.join(timeout=240)
     assert not thread.is_alive(), "the stream did not finish"

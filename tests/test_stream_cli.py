@@ -47,6 +47,9 @@ def test_bootstrap_replay_run_from_the_command_line(pipeline_run, redis_server, 
     assert client.xlen(keys.scores) == 150
     assert client.llen(keys.feedback) == 150  # every label joined during the run
     assert "Traceback" not in ran.stdout + ran.stderr
+    again = rayline("stream", "bootstrap", "--config", path)  # would roll the stream back
+    assert again.returncode == 2 and "--force" in again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize(
