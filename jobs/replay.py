@@ -341,7 +341,8 @@ def replay_command(
             on_progress=report,
         )
     finally:
-        progress.stop()
+        if progress.tasks:  # stopping a bar that never started prints an empty line
+            progress.stop()
     typer.echo(summary_line(result))
 
 

@@ -255,7 +255,8 @@ def run_stream(
     storage = Storage(config.s3)
     started = time.monotonic()
     try:
-        metrics = serve_metrics(config, connect(config.stream.redis_url))
+        client = connect(config.stream.redis_url)
+        metrics = serve_metrics(config, client, addr=config.stream.metrics_host)
     except OSError as error:
         raise StreamError(f"stream.metrics_port {config.stream.metrics_port}: {error}") from None
     stopping = threading.Event()

@@ -69,6 +69,7 @@ class StreamConfig(Strict):
     max_future_s: int = Field(86400, ge=0, description="later event times: dead letters")
     emit_features: bool = Field(False, description="model inputs in each scores entry")
     metrics_port: int = Field(0, ge=0, le=65535, description="0: no Prometheus endpoint")
+    metrics_host: str = Field("127.0.0.1", description="0.0.0.0 to let other hosts scrape")
     feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
 
     @model_validator(mode="after")
