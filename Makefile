@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CONFIG ?= configs/fraud.yaml
 
-.PHONY: install demo test test-fast serve lint format bench-preprocess bench-train bench-tune bench-online bench-serve clean
+.PHONY: install demo test test-fast serve lint format bench-preprocess bench-train bench-tune bench-online bench-serve bench-stream clean
 
 install: $(VENV)/.installed
 
@@ -48,6 +48,9 @@ bench-online: install  ## compiled online scorer vs the batch path (needs `make 
 
 bench-serve: install  ## Serve endpoint vs bare FastAPI + uvicorn over HTTP (needs `make demo`, wrk)
 	$(PY) -m benchmarks.serve --config $(CONFIG)
+
+bench-stream: install  ## stream workers vs a plain redis-py consumer (after make demo, redis-server)
+	$(PY) -m benchmarks.stream --storage artifacts/fraud
 
 clean:
 	rm -rf artifacts data .pytest_cache
