@@ -18,7 +18,7 @@ demo: install  ## whole lifecycle on a local Ray, ending with a real HTTP predic
 	$(PY) -m serving.demo --config $(CONFIG)
 
 test: install  ## the whole suite, slow tests included
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"

@@ -60,7 +60,7 @@ class StreamWorker:
         self._wanted: list[int] | None = None
         self._applied = threading.Event()
         self._stopping = threading.Event()
-        self._checked_at = self._beat_at = self._swept_at = 0.0
+        self._checked_at = self._beat_at = self._swept_at = self._claimed_at = 0.0
         self._pending: set[int] = set()  # partitions whose pending list comes first
         self.leased: set[int] = set()
         self.owner = _owner_id()
@@ -207,6 +207,10 @@ class StreamWorker:
             self._heartbeat()
         if time.monotonic() - self._leased_at > 1.0:
             self._renew_leases()
+        if time.monotonic() - self._claimed_at > max(1.0, self.stream.claim_idle_ms / 2000):
+            self._claimed_at = time.monotonic()
+            for partition in sorted(self.leased):
+                self._claim(self.keys.events(partition))
         if not self.leased:
             time.sleep(self.stream.block_ms / 1000)
             return Outcome()

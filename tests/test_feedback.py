@@ -197,6 +197,8 @@ def test_prometheus_scrapes_live_quality_psi_and_lag(tmp_path, redis_server):
             assert prom.value("rayline_stream_labels_joined_total") == 120
             expected_psi = psi(ref["score"], scores[::-1])
             assert score_psi(client, keys, ref, 200, "3") == pytest.approx(expected_psi)
+            count = len(scores)  # too few scores to judge drift on: no PSI, no retraining
+            assert score_psi(client, keys, ref, 200, "3", minimum=count + 1) is None
             assert prom.value(f"rayline_stream_score_psi{{{mv}}}") == pytest.approx(expected_psi)
     finally:
         server.shutdown()

@@ -305,3 +305,20 @@ def test_events_that_were_in_a_crashing_batch_are_not_dead_lettered(pipeline_run
     client.xreadgroup("rayline", "worker", {keys.events(0): "0"}, count=100)
     drain(worker, client, keys)
     assert client.xlen(keys.dead) == 0 and client.xlen(keys.scores) == len(rows)
+
+
+def test_messages_left_idle_by_another_consumer_are_claimed(pipeline_run, redis_server):
+    """A consumer under another name (an older deployment, a hand-run script) read events
+    and went away: after `claim_idle_ms` the partition's owner takes them over."""
+    config, result = pipeline_run
+    config = streamed(config, redis_server.url, partitions=1, claim_idle_ms=200)
+    client, keys = redis_server.client(), StreamKeys.of(config)
+    worker = StreamWorker(config, [0], client=client)
+    rows = fact_rows(config, result.run_uri).slice(0, 25).to_pylist()
+    sent = send(client, keys, [as_record(row) for row in rows])
+    client.xreadgroup("rayline", "someone-else", {keys.events(0): ">"}, count=100)
+    worker.poll()
+    assert client.xlen(keys.scores) == 0  # not idle long enough yet
+    time.sleep(0.3)
+    drain(worker, client, keys)
+    assert sorted(f"{e['stream']}/{e['id']}" for e in scores(client, keys)) == sorted(sent)

@@ -71,7 +71,12 @@ def test_bad_input_is_one_line(pipeline_run, tmp_path, command, expected):
     assert expected.format(port=port) in lines[0]
 
 
-def test_a_config_without_a_stream_section_is_one_line():
-    done = rayline("stream", "run", "--config", str(ROOT / "configs" / "houses.yaml"))
+@pytest.mark.parametrize("module", ["jobs.cli stream", "jobs.stream"])
+def test_a_config_without_a_stream_section_is_one_line(module):
+    houses = str(ROOT / "configs" / "houses.yaml")
+    done = subprocess.run(
+        [sys.executable, "-m", *module.split(), "run", "--config", houses],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
     assert done.returncode == 2 and done.stderr.strip().startswith("error: ")
-    assert "no `stream:` section" in done.stderr
+    assert "no `stream:` section" in done.stderr and len(done.stderr.strip().splitlines()) == 1
