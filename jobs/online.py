@@ -183,22 +183,7 @@ class OnlineScorer:
         )
         reasons = reasons.to_pylist()
         if state is not None:
-            history = self.spec.features.history
-            amounts = pc.cast(enriched.column(history.amount), pa.float64()).to_pylist()
-            stamps = enriched.column(self.spec.features.timestamp)
-            stamps = pc.cast(pc.cast(stamps, pa.timestamp("s")), pa.int64())
-            null_time = np.array([v is None for v in stamps.to_pylist()], dtype=bool)
-            seconds = np.array(pc.fill_null(stamps, 0).to_pylist(), dtype=np.int64)
-            entities = enriched.column(history.entity).to_pylist()
-            prior = state(entities, amounts, seconds, null_time, reasons)
-            with np.errstate(all="ignore"):
-                values = stated_history(prior, _floats(amounts), seconds, null_time)
-            for name, value in values.items():
-                column = pa.array(value, pa.float64())
-                if name in enriched.column_names:
-                    enriched = enriched.set_column(enriched.column_names.index(name), name, column)
-                else:
-                    enriched = enriched.append_column(name, column)
+            enriched = with_state(enriched, reasons, self.spec, state)
         matrix = feature_matrix(transform(enriched, self.spec), self.spec.feature_names)
         return matrix, reasons
 
@@ -338,3 +323,25 @@ def stated_history(prior: dict, amounts: np.ndarray, seconds, null_time) -> dict
     gap = np.where(null_time, np.nan, seconds.astype(np.float64)) - prior["last"]
     values = dict(zip(HISTORY, (count, mean, amounts / mean, gap), strict=True))
     return {**values, **prior["windows"]}
+
+
+def with_state(enriched: pa.Table, reasons: list, spec, state) -> pa.Table:
+    """`enrich`'s output with its history (and window) columns from `state` instead of the
+    snapshot: `OnlineScorer.features`' Arrow path, and batch inference's."""
+    history = spec.features.history
+    amounts = pc.cast(enriched.column(history.amount), pa.float64()).to_pylist()
+    stamps = enriched.column(spec.features.timestamp)
+    stamps = pc.cast(pc.cast(stamps, pa.timestamp("s")), pa.int64())
+    null_time = np.array([v is None for v in stamps.to_pylist()], dtype=bool)
+    seconds = np.array(pc.fill_null(stamps, 0).to_pylist(), dtype=np.int64)
+    entities = enriched.column(history.entity).to_pylist()
+    prior = state(entities, amounts, seconds, null_time, reasons)
+    with np.errstate(all="ignore"):
+        values = stated_history(prior, _floats(amounts), seconds, null_time)
+    for name, value in values.items():
+        column = pa.array(value, pa.float64())
+        if name in enriched.column_names:
+            enriched = enriched.set_column(enriched.column_names.index(name), name, column)
+        else:
+            enriched = enriched.append_column(name, column)
+    return enriched

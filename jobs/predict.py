@@ -33,8 +33,7 @@ from jobs.entrypoint import run_cli
 from jobs.errors import ConfigError, SourceError, StreamError
 from jobs.feature_state import FeatureState
 from jobs.featurespec import enrich, feature_matrix, online_source, transform
-from jobs.online import stated_history
-from jobs.online_values import _floats
+from jobs.online import with_state
 from jobs.pii import pii_key
 from jobs.ray_runtime import init_ray
 from jobs.registry import Bundle, load_bundle
@@ -114,28 +113,6 @@ class OnlineState:
                     "windows": step.windows}  # fmt: skip
 
         return prior
-
-
-def with_state(enriched: pa.Table, reasons: list, spec, state) -> pa.Table:
-    """`enrich`'s output with its history (and window) columns from `state` instead of the
-    snapshot: what `OnlineScorer.features` does on its Arrow path."""
-    history = spec.features.history
-    amounts = pc.cast(enriched.column(history.amount), pa.float64()).to_pylist()
-    stamps = enriched.column(spec.features.timestamp)
-    stamps = pc.cast(pc.cast(stamps, pa.timestamp("s")), pa.int64())
-    null_time = np.array([v is None for v in stamps.to_pylist()], dtype=bool)
-    seconds = np.array(pc.fill_null(stamps, 0).to_pylist(), dtype=np.int64)
-    entities = enriched.column(history.entity).to_pylist()
-    prior = state(entities, amounts, seconds, null_time, reasons)
-    with np.errstate(all="ignore"):
-        values = stated_history(prior, _floats(amounts), seconds, null_time)
-    for name, value in values.items():
-        column = pa.array(value, pa.float64())
-        if name in enriched.column_names:
-            enriched = enriched.set_column(enriched.column_names.index(name), name, column)
-        else:
-            enriched = enriched.append_column(name, column)
-    return enriched
 
 
 def score_records(
